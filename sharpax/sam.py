@@ -1,0 +1,144 @@
+"""SAM and ASAM as a gradient transformation that sits first in an optax chain."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from sharpax import _common
+
+
+class SAMState(NamedTuple):
+    """State of :func:`sam`.
+
+    Attributes:
+      count: int32 scalar, number of ``update`` calls (optimizer steps) so far;
+        a ``rho`` schedule is evaluated at this count.
+      num_sam_steps: int32 scalar, number of full two-pass (ascent + perturbed
+        gradient) steps taken. Equal to ``count`` for plain SAM; LookSAM and vSAM
+        use the same field for the steps on which they paid for the second pass.
+    """
+
+    count: jax.Array
+    num_sam_steps: jax.Array
+
+
+def sam(
+    rho: _common.ScalarOrSchedule = 0.05,
+    *,
+    adaptive: bool = False,
+    eta: float = 0.01,
+    eps: float = 1e-12,
+    axis_name: str | None = None,
+) -> optax.GradientTransformationExtraArgs:
+    r"""Sharpness-Aware Minimization: maps the clean gradient to the SAM gradient.
+
+    Given the gradient ``g`` of the mini-batch loss at ``w``, SAM ascends to
+    ``w + ε`` with ``ε = rho · g / (‖g‖₂ + eps)`` (global L2 norm over the whole
+    pytree) and returns the gradient of the *same* mini-batch loss there,
+    ``grad_fn(w + ε)``. With ``adaptive=True`` it is ASAM:
+    ``T = |w| + eta`` and ``ε = rho · T² g / (‖T g‖₂ + eps)``.
+
+    Put it **first** in a chain; whatever follows (momentum, weight decay,
+    learning rate) sees the SAM gradient::
+
+      optax.chain(sharpax.sam(0.05), optax.sgd(0.1, momentum=0.9))
+
+    ``update(grads, state, params, *, grad_fn)`` needs ``grad_fn(params) ->
+    grads``, the gradient function of the mini-batch that produced ``grads``.
+    Transforms placed *before* ``sam`` in a chain change only the ascent
+    direction (e.g. clipping the gradient before ``sam`` clips ``g`` used for
+    ``ε``); the returned SAM gradient is always the raw ``grad_fn`` output.
+
+    Data parallel: with ``axis_name=None`` each device ascends along its own
+    gradient (m-sharpness with m = per-device batch, the google-research/sam
+    default). With ``axis_name='batch'`` (under ``pmap``/``shard_map``) the
+    ascent gradient is ``pmean``-ed first so all devices share one ``ε``. In
+    both cases the returned SAM gradient is the device's own, *not* averaged:
+    average it yourself, e.g. inside ``grad_fn``
+    (``lambda p: jax.lax.pmean(jax.grad(loss)(p, b), 'batch')``), exactly as
+    you would average gradients for any optax optimizer.
+
+    Gradient accumulation: use ``optax.chain(sharpax.sam(rho),
+    optax.MultiSteps(opt, k).gradient_transformation())`` with ``grad_fn``
+    built for each micro-batch: every micro-batch then gets its own SAM
+    gradient and ``MultiSteps`` averages them. Wrapping the whole chain instead,
+    ``optax.MultiSteps(optax.chain(sharpax.sam(rho), opt), k)``, perturbs along
+    the running mean of the micro-batch gradients and keeps only the last
+    micro-batch's perturbed gradient: that is not SAM on the large batch.
+
+    Args:
+      rho: neighbourhood radius, a non-negative float or an optax schedule of
+        the step count (``state.count``). Works under
+        ``optax.inject_hyperparams``.
+      adaptive: if True, ASAM's scale-invariant neighbourhood.
+      eta: ASAM's offset in ``T = |w| + eta``.
+      eps: added to the norm so a zero gradient gives ``ε = 0`` (no NaN).
+      axis_name: mapped axis over which to average the ascent gradient, or
+        None for per-device ascent.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs`` whose state is
+      :class:`SAMState`.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, optax, sharpax
+      >>> loss = lambda w, x: jnp.sum((x * w) ** 2)
+      >>> x = jnp.array([1.0, 2.0])
+      >>> params = jnp.array([1.0, -1.0])
+      >>> opt = optax.chain(sharpax.sam(0.05), optax.sgd(0.1))
+      >>> state = opt.init(params)
+      >>> grads = jax.grad(loss)(params, x)
+      >>> updates, state = opt.update(
+      ...     grads, state, params, grad_fn=lambda p: jax.grad(loss)(p, x))
+      >>> params = optax.apply_updates(params, updates)
+      >>> print(int(state[0].num_sam_steps))
+      1
+
+    References:
+      Foret et al., `Sharpness-Aware Minimization for Efficiently Improving
+      Generalization <https://arxiv.org/abs/2010.01412>`_, 2021
+
+      Kwon et al., `ASAM: Adaptive Sharpness-Aware Minimization for
+      Scale-Invariant Learning of Deep Neural Networks
+      <https://arxiv.org/abs/2102.11600>`_, 2021
+    """
+    _common.check_non_negative("rho", rho)
+    _common.check_non_negative("eta", eta)
+
+    def init_fn(params: optax.Params) -> SAMState:
+        del params
+        zero = jnp.zeros([], jnp.int32)
+        return SAMState(count=zero, num_sam_steps=zero)
+
+    def update_fn(
+        updates: optax.Updates,
+        state: SAMState,
+        params: optax.Params | None = None,
+        *,
+        grad_fn: Any = None,
+        **extra_args: Any,
+    ) -> tuple[optax.Updates, SAMState]:
+        del extra_args
+        _common.require_grad_fn(grad_fn, "sam")
+        _common.require_params(params, "sam")
+        ascent = _common.maybe_pmean(updates, axis_name)
+        eps_tree = _common.perturbation(
+            ascent,
+            params,
+            _common.value_at(rho, state.count),
+            adaptive=adaptive,
+            eta=eta,
+            eps=eps,
+        )
+        sam_grads = grad_fn(_common.add(params, eps_tree))
+        sam_grads = jax.tree.map(lambda s, g: s.astype(g.dtype), sam_grads, updates)
+        return sam_grads, SAMState(
+            count=optax.safe_increment(state.count),
+            num_sam_steps=optax.safe_increment(state.num_sam_steps),
+        )
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
