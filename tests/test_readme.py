@@ -106,3 +106,16 @@ def test_shard_map_snippet_matches_full_batch_sam(snapshots):
     )
     expected = optax.apply_updates(params, upd)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), new_params, expected)
+
+
+def test_saf_mesa_snippet_fills_the_buffer_and_the_ema(snapshots):
+    ns = _after(snapshots, "sharpax.with_saf")
+    written = np.asarray(ns["saf_state"].written_epoch)
+    # 64 random examples of the 1024 are seen in each of the epochs 0..6; slot e % 4 holds epoch e.
+    assert written.max() == 6 and set(np.unique(written)) <= set(range(-1, 7))
+    slots = np.arange(4)[None, :]
+    assert np.all((written == -1) | (written % 4 == slots))
+    assert np.isfinite(float(ns["loss"]))
+    ema = ns["mesa_state"].ema["params"]
+    moved = jax.tree.map(lambda e, p: float(jnp.max(jnp.abs(e - p))), ema, ns["params"])
+    assert all(np.isfinite(v) for v in jax.tree.leaves(moved))

@@ -1,0 +1,690 @@
+"""Tests for SAF and MESA (sharpax.trajectory): trajectory KL, logit ring buffer, EMA teacher.
+
+Every numerical check compares against an independent reference: NumPy float64 formulas of
+τ²·KL(softmax(ref/τ) ‖ softmax(z/τ)) and its gradient τ·(softmax(z/τ) − softmax(ref/τ)), a Python
+dict history of the logits each example produced in each epoch, and a Python EMA loop.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import optax
+import pytest
+from jax.experimental import checkify
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import sharpax
+from sharpax import trajectory as tr
+
+NDEV = 8
+
+
+# ------------------------------------------------------------------------------------------------
+# Independent references (NumPy, float64)
+# ------------------------------------------------------------------------------------------------
+
+
+def np_softmax(x):
+    x = np.asarray(x, np.float64)
+    e = np.exp(x - x.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def np_traj_kl(z, ref, tau):
+    """τ² Σ_c p_c (log p_c − log q_c), p = softmax(ref/τ), q = softmax(z/τ)."""
+    p = np_softmax(np.asarray(ref, np.float64) / tau)
+    q = np_softmax(np.asarray(z, np.float64) / tau)
+    return tau**2 * np.sum(p * (np.log(p) - np.log(q)), axis=-1)
+
+
+def np_traj_kl_grad(z, ref, tau):
+    """d/dz of τ²·KL = τ (softmax(z/τ) − softmax(ref/τ)) (per row)."""
+    return tau * (np_softmax(np.asarray(z, np.float64) / tau) - np_softmax(np.asarray(ref) / tau))
+
+
+def as_stored(x, dtype):
+    """What a buffer of ``dtype`` holds for ``x`` (rounded by ml_dtypes, not by the code)."""
+    if np.dtype(dtype) == np.dtype(ml_dtypes.bfloat16):
+        return np.asarray(x, np.float32).astype(ml_dtypes.bfloat16).astype(np.float64)
+    return np.asarray(x, np.float32).astype(np.float64)
+
+
+# ------------------------------------------------------------------------------------------------
+# trajectory_kl
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("tau", [1.0, 5.0])
+def test_trajectory_kl_matches_numpy(tau):
+    rng = np.random.default_rng(0)
+    z, ref = rng.normal(size=(2, 6, 7)).astype(np.float32) * 4
+    out = tr.trajectory_kl(jnp.asarray(z), jnp.asarray(ref), tau)
+    assert out.shape == (6,) and out.dtype == jnp.float32
+    np.testing.assert_allclose(out, np_traj_kl(z, ref, tau), rtol=1e-5, atol=1e-6)
+    # Direction matters: KL(p_ref ‖ q_z), not KL(q_z ‖ p_ref).
+    assert not np.allclose(np_traj_kl(z, ref, tau), np_traj_kl(ref, z, tau), rtol=1e-3)
+    np.testing.assert_allclose(tr.trajectory_kl(z, z, tau), 0.0, atol=1e-6)
+
+
+def test_trajectory_kl_gradient_and_stop_gradient():
+    rng = np.random.default_rng(1)
+    tau = 5.0
+    z, ref = rng.normal(size=(2, 4, 5)).astype(np.float32) * 3
+    gz, gref = jax.jit(jax.grad(lambda a, b: jnp.sum(tr.trajectory_kl(a, b, tau)), argnums=(0, 1)))(
+        jnp.asarray(z), jnp.asarray(ref)
+    )
+    np.testing.assert_allclose(gz, np_traj_kl_grad(z, ref, tau), rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(gref, 0.0)
+
+
+def test_trajectory_kl_bf16_inputs_computed_in_float32():
+    rng = np.random.default_rng(2)
+    z, ref = rng.normal(size=(2, 3, 9)).astype(np.float32) * 6
+    zb, rb = jnp.asarray(z, jnp.bfloat16), jnp.asarray(ref, jnp.bfloat16)
+    out = tr.trajectory_kl(zb, rb, 5.0)
+    assert out.dtype == jnp.float32
+    expected = np_traj_kl(as_stored(z, ml_dtypes.bfloat16), as_stored(ref, ml_dtypes.bfloat16), 5.0)
+    np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_trajectory_kl_errors_and_masked_reference_class():
+    with pytest.raises(ValueError, match="same shape"):
+        tr.trajectory_kl(jnp.zeros((2, 3)), jnp.zeros((2, 4)))
+    with pytest.raises(ValueError, match="temperature"):
+        tr.trajectory_kl(jnp.zeros((2, 3)), jnp.zeros((2, 3)), 0.0)
+    # A -inf reference logit is a zero-probability class: contributes 0, not NaN.
+    ref = jnp.array([[0.0, -jnp.inf, 1.0]])
+    z = jnp.array([[0.5, 0.0, 0.0]])
+    out, g = jax.jit(jax.value_and_grad(lambda a: tr.trajectory_kl(a, ref, 2.0).sum()))(z)
+    p = np_softmax(np.array([0.0, 1.0]) / 2.0)  # reference mass on classes 0 and 2 only
+    q = np_softmax(np.array([0.5, 0.0, 0.0]) / 2.0)[[0, 2]]
+    assert np.isfinite(out) and np.all(np.isfinite(g))
+    np.testing.assert_allclose(out, 4.0 * np.sum(p * np.log(p / q)), rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------
+# SAF: multi-epoch simulation against a dict history
+# ------------------------------------------------------------------------------------------------
+
+N, C, B = 12, 4, 4
+TAU, WEIGHT = 5.0, 0.3
+
+
+def epoch_schedule(rng, num_epochs, skip_epoch):
+    """Shuffled ids per epoch (numpy permutation); at ``skip_epoch`` only 8 of 12 examples."""
+    out = []
+    for e in range(num_epochs):
+        perm = rng.permutation(N)
+        if e == skip_epoch:
+            perm = perm[:8]
+        out.append([perm[k : k + B] for k in range(0, len(perm), B)])
+    return out
+
+
+def run_saf_simulation(lag, start_epoch, dtype):
+    rng = np.random.default_rng(10 + lag)
+    num_epochs = 2 * lag + 3
+    schedule = epoch_schedule(rng, num_epochs, skip_epoch=lag + 1)
+    produced = rng.normal(size=(num_epochs, N, C)).astype(np.float32) * 3  # logits of i at e
+    traj = tr.saf(N, C, lag=lag, start_epoch=start_epoch, temperature=TAU, weight=WEIGHT,
+                  dtype=dtype)
+    step = jax.jit(jax.value_and_grad(traj.update, argnums=1, has_aux=True))
+    state = traj.init()
+    history = {}  # (example id, epoch) -> the logits it produced then, as stored
+    seen_terms = []
+    for e, batches in enumerate(schedule):
+        for ids in batches:
+            z = produced[e, ids]
+            (term, state), grad = step(state, jnp.asarray(z), jnp.asarray(ids), jnp.int32(e))
+            # Reference: exactly the logits this example produced `lag` epochs earlier.
+            refs = [history.get((int(i), e - lag)) for i in ids]
+            valid = np.array([r is not None for r in refs])
+            exp_grad = np.zeros_like(z, np.float64)
+            if e >= start_epoch and valid.any():
+                ref = np.stack([r for r in refs if r is not None])
+                exp_term = WEIGHT * np.mean(np_traj_kl(z[valid], ref, TAU))
+                exp_grad[valid] = WEIGHT / valid.sum() * np_traj_kl_grad(z[valid], ref, TAU)
+            else:
+                exp_term = 0.0
+            np.testing.assert_allclose(term, exp_term, rtol=2e-5, atol=1e-7)
+            np.testing.assert_allclose(grad, exp_grad, rtol=2e-5, atol=1e-7)
+            seen_terms.append((e, float(term), int(valid.sum())))
+            for i, zi in zip(ids, z):
+                history[(int(i), e)] = as_stored(zi, dtype)
+    return traj, state, history, num_epochs, seen_terms
+
+
+@pytest.mark.parametrize("lag,start_epoch", [(1, 0), (2, 3), (3, 1)])
+def test_saf_matches_history_over_shuffled_epochs(lag, start_epoch):
+    traj, state, history, num_epochs, seen = run_saf_simulation(lag, start_epoch, jnp.float32)
+    # The gating and exclusion paths were actually exercised.
+    assert any(e < start_epoch and cnt > 0 and t == 0.0 for e, t, cnt in seen) or start_epoch <= lag
+    assert any(cnt < B and t > 0 for e, t, cnt in seen)  # stale/unseen entries excluded
+    assert all(t == 0.0 for e, t, cnt in seen if e < lag)  # nothing written lag epochs before
+    # Final buffer: slot s of row i holds the latest epoch e ≡ s (mod lag+1) in which i was seen.
+    logits, stamps = np.asarray(state.logits, np.float64), np.asarray(state.written_epoch)
+    for i in range(N):
+        for s in range(lag + 1):
+            epochs = [e for e in range(num_epochs) if e % (lag + 1) == s and (i, e) in history]
+            if epochs:
+                assert stamps[i, s] == max(epochs)
+                np.testing.assert_array_equal(logits[i, s], history[(i, max(epochs))])
+            else:
+                assert stamps[i, s] == -1
+
+
+def test_saf_bf16_buffer_halves_memory_and_matches_history():
+    traj32 = tr.saf(N, C, lag=2)
+    traj16 = tr.saf(N, C, lag=2, dtype=jnp.bfloat16)
+    stamps = N * 3 * 4
+    assert traj32.nbytes == N * 3 * C * 4 + stamps
+    assert traj16.nbytes - stamps == (traj32.nbytes - stamps) // 2
+    state = traj16.init()
+    assert state.logits.dtype == jnp.bfloat16 and state.written_epoch.dtype == jnp.int32
+    assert state.logits.nbytes + state.written_epoch.nbytes == traj16.nbytes
+    # Terms use exactly the bf16-rounded past logits (reference rounds with ml_dtypes).
+    _, state, history, _, _ = run_saf_simulation(2, 2, jnp.bfloat16)
+    assert state.logits.dtype == jnp.bfloat16
+    # README numbers.
+    assert tr.saf(50_000, 100).nbytes - 50_000 * 4 * 4 == 80_000_000
+    assert tr.saf(1_281_167, 1000).nbytes > 20e9
+
+
+def test_saf_start_gating_and_never_written_entries():
+    traj = tr.saf(4, 3, lag=1, start_epoch=2, temperature=TAU, weight=WEIGHT)
+    upd = jax.jit(traj.update)
+    term_and_grad = jax.jit(
+        jax.value_and_grad(lambda s, a, i, e: traj.update(s, a, i, e)[0], argnums=1)
+    )
+    state = traj.init()
+    ids = jnp.array([0, 1])
+    z = jnp.array([[1.0, 0.0, -1.0], [0.0, 2.0, 0.0]])
+    # epoch 0 reads epoch -1: never-written slots (stamp -1) must not count as references.
+    traj0 = tr.saf(4, 3, lag=1, start_epoch=0)
+    assert float(jax.jit(traj0.update)(traj0.init(), z, ids, 0)[0]) == 0.0
+    term, state = upd(state, z, ids, 0)
+    assert float(term) == 0.0
+    term, g = term_and_grad(state, 2 * z, ids, 1)  # valid references, but epoch < start
+    assert float(term) == 0.0 and np.all(np.asarray(g) == 0.0)
+    _, state = upd(state, 2 * z, ids, 1)
+    # epoch 2: ids 0, 1 were written at epoch 1, id 2 never → mean over the two valid only.
+    z3 = jnp.array([[0.0, 0.0, 1.0], [1.0, 1.0, 0.0], [5.0, 0.0, 0.0]])
+    term, state = upd(state, z3, jnp.array([0, 1, 2]), 2)
+    exp = WEIGHT * np.mean(np_traj_kl(np.asarray(z3[:2]), np.asarray(2 * z), TAU))
+    np.testing.assert_allclose(term, exp, rtol=1e-5)
+    # No valid reference at all → exactly 0 (no 0/0 NaN), zero gradient.
+    term, g = term_and_grad(state, z, jnp.array([3, 2]), 5)
+    assert float(term) == 0.0 and np.all(np.asarray(g) == 0.0)
+
+
+def test_saf_where_masks_padding_and_duplicates_keep_last():
+    traj = tr.saf(6, 2, lag=1, start_epoch=0)
+    state = traj.init()
+    z = jnp.array([[1.0, 0.0], [2.0, 0.0], [3.0, 0.0], [4.0, 0.0]])
+    ids = jnp.array([1, -1, 1, 99])  # padding rows carry junk ids
+    where = jnp.array([True, False, True, False])
+    term, state = jax.jit(traj.update)(state, z, ids, 0, where=where)
+    assert float(term) == 0.0
+    stamps = np.asarray(state.written_epoch)
+    assert stamps[1, 0] == 0 and (stamps[[0, 2, 3, 4, 5]] == -1).all()
+    np.testing.assert_array_equal(state.logits[1, 0], [3.0, 0.0])  # last occurrence of id 1
+    traj.check_ids(ids, where=where)  # padding ids are not checked
+
+
+# ------------------------------------------------------------------------------------------------
+# SAF: id and shape errors
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad", [-1, 12, 1000])
+def test_host_check_names_bad_ids(bad):
+    ids = np.array([0, 5, bad, 3])
+    with pytest.raises(ValueError, match=r"example ids must be integers in \[0, num_examples=12\)"):
+        tr.check_example_ids(ids, 12)
+    with pytest.raises(ValueError, match=rf"\[{bad}\] at positions \[2\]"):
+        tr.saf(12, 4).check_ids(ids)
+    with pytest.raises(TypeError, match="integers"):
+        tr.check_example_ids(np.array([0.0, 1.0]), 12)
+    tr.check_example_ids(np.array([0, 11]), 12)
+
+
+def test_eager_update_raises_on_bad_ids():
+    traj = tr.saf(12, 4)
+    with pytest.raises(ValueError, match="out-of-range id"):
+        traj.update(traj.init(), jnp.zeros((2, 4)), jnp.array([3, -2]), 0)
+
+
+def test_checkify_reports_bad_ids_inside_jit():
+    traj = tr.saf(12, 4, lag=1, start_epoch=0)
+    checked = jax.jit(checkify.checkify(traj.update))
+    state = traj.init()
+    err, _ = checked(state, jnp.zeros((3, 4)), jnp.array([1, 12, -5]), jnp.int32(0))
+    msg = err.get()
+    assert msg is not None and "example ids must lie in [0, num_examples=12)" in msg
+    assert "got 2 out-of-range" in msg and "[-5, 12]" in msg
+    with pytest.raises(Exception, match="num_examples=12"):
+        err.throw()
+    err, _ = checked(state, jnp.zeros((3, 4)), jnp.array([1, 11, 0]), jnp.int32(0))
+    assert err.get() is None
+    # Also through value_and_grad, as in a training step.
+    step = jax.jit(checkify.checkify(jax.value_and_grad(
+        lambda z, ids: traj.update(state, z, ids, 3)[0])))
+    err, _ = step(jnp.zeros((2, 4)), jnp.array([0, 40]))
+    assert "num_examples=12" in err.get()
+
+
+def test_unchecked_jit_bad_ids_poison_term_and_never_touch_buffer():
+    traj = tr.saf(12, 4, lag=1, start_epoch=5)
+    state = traj.init()
+    z = jnp.ones((3, 4))
+    term, new = jax.jit(traj.update)(state, z, jnp.array([2, -1, 12]), jnp.int32(0))
+    assert np.isnan(term)  # even before start_epoch
+    stamps = np.asarray(new.written_epoch)
+    assert stamps[2, 0] == 0 and (np.delete(stamps, 2, axis=0) == -1).all()  # -1 did not wrap
+    np.testing.assert_array_equal(np.asarray(new.logits)[11], 0.0)  # 12 did not clamp to 11
+
+
+def test_shape_and_argument_errors_at_trace_time():
+    traj = tr.saf(12, 4)
+    state = traj.init()
+    upd = jax.jit(traj.update)
+    with pytest.raises(ValueError, match=r"logits must have shape \(batch, 4\)"):
+        upd(state, jnp.zeros((3, 5)), jnp.arange(3), 0)
+    with pytest.raises(ValueError, match=r"logits must have shape \(batch, num_classes\)"):
+        upd(state, jnp.zeros((4,)), jnp.arange(4), 0)
+    with pytest.raises(ValueError, match=r"example_ids must have shape \(3,\)"):
+        upd(state, jnp.zeros((3, 4)), jnp.arange(4), 0)
+    with pytest.raises(ValueError, match=r"example_ids must have shape \(3,\)"):
+        upd(state, jnp.zeros((3, 4)), jnp.zeros((3, 1), jnp.int32), 0)
+    with pytest.raises(TypeError, match="example_ids must be integers"):
+        upd(state, jnp.zeros((3, 4)), jnp.zeros((3,)), 0)
+    with pytest.raises(ValueError, match="where must be a boolean mask"):
+        upd(state, jnp.zeros((3, 4)), jnp.arange(3), 0, where=jnp.ones(2, bool))
+    with pytest.raises(ValueError, match="epoch counts from 0"):
+        traj.update(state, jnp.zeros((3, 4)), jnp.arange(3), -1)
+    with pytest.raises(TypeError, match="epoch must be an integer"):
+        upd(state, jnp.zeros((3, 4)), jnp.arange(3), jnp.float32(1.0))
+    with pytest.raises(ValueError, match="state.logits has shape"):
+        tr.saf(12, 4, lag=1).update(state, jnp.zeros((3, 4)), jnp.arange(3), 0)
+    for kwargs, match in [
+        (dict(num_examples=0, num_classes=3), "num_examples"),
+        (dict(num_examples=3, num_classes=3, lag=0), "lag"),
+        (dict(num_examples=3, num_classes=3, start_epoch=-1), "start_epoch"),
+        (dict(num_examples=3, num_classes=3, temperature=0.0), "temperature"),
+        (dict(num_examples=3, num_classes=3, weight=-1.0), "weight"),
+        (dict(num_examples=3, num_classes=3, dtype=jnp.int32), "floating dtype"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            tr.saf(**kwargs)
+
+
+# ------------------------------------------------------------------------------------------------
+# SAF on 8 devices: pmap / shard_map with axis_name, jit with a sharded buffer
+# ------------------------------------------------------------------------------------------------
+
+DN, DC, DB = 32, 5, 16  # examples, classes, global batch (2 per device)
+
+
+def device_stream(seed=3, num_epochs=3):
+    """(epoch, ids, logits) with shuffled ids; the same for 1 and 8 devices."""
+    rng = np.random.default_rng(seed)
+    for e in range(num_epochs):
+        perm = rng.permutation(DN)
+        for k in range(0, DN, DB):
+            yield e, perm[k : k + DB], rng.normal(size=(DB, DC)).astype(np.float32) * 2
+
+
+def single_device_run(traj):
+    """Reference on one device, full global batch: terms, grads, states after each step."""
+    step = jax.jit(jax.value_and_grad(traj.update, argnums=1, has_aux=True))
+    state, out = traj.init(), []
+    for e, ids, z in device_stream():
+        (term, state), g = step(state, jnp.asarray(z), jnp.asarray(ids), jnp.int32(e))
+        out.append((float(term), np.asarray(g), jax.device_get(state)))
+    return out
+
+
+@pytest.fixture(scope="module")
+def single_device_reference():
+    traj = tr.saf(DN, DC, lag=1, start_epoch=1, temperature=TAU, weight=WEIGHT)
+    return single_device_run(traj)
+
+
+def test_single_device_reference_is_nontrivial(single_device_reference):
+    terms = [t for t, _, _ in single_device_reference]
+    assert terms[:2] == [0.0, 0.0] and all(t > 0 for t in terms[2:])
+
+
+def test_pmap_axis_name_matches_single_device(single_device_reference):
+    traj = tr.saf(DN, DC, lag=1, start_epoch=1, temperature=TAU, weight=WEIGHT, axis_name="b")
+    step = jax.pmap(
+        jax.value_and_grad(traj.update, argnums=1, has_aux=True),
+        axis_name="b",
+        in_axes=(0, 0, 0, None),
+    )
+    state = jax.tree.map(lambda a: np.stack([a] * NDEV), traj.init())
+    for (e, ids, z), (term1, grad1, state1) in zip(device_stream(), single_device_reference):
+        (terms, state), grads = step(
+            state, z.reshape(NDEV, -1, DC), ids.reshape(NDEV, -1), jnp.int32(e)
+        )
+        np.testing.assert_allclose(terms, np.full(NDEV, term1), rtol=1e-5, atol=1e-8)
+        # pmean of per-device gradients == the full-batch single-device gradient.
+        np.testing.assert_allclose(
+            np.asarray(grads).reshape(DB, DC) / NDEV, grad1, rtol=1e-5, atol=1e-8
+        )
+        for r in range(NDEV):  # every replica holds the single-device buffer
+            np.testing.assert_array_equal(state.logits[r], state1.logits)
+            np.testing.assert_array_equal(state.written_epoch[r], state1.written_epoch)
+
+
+def test_shard_map_axis_name_matches_single_device(single_device_reference):
+    traj = tr.saf(DN, DC, lag=1, start_epoch=1, temperature=TAU, weight=WEIGHT, axis_name="x")
+    mesh = jax.make_mesh((NDEV,), ("x",))
+
+    def local(state, z, ids, epoch):
+        (term, new), g = jax.value_and_grad(traj.update, argnums=1, has_aux=True)(
+            state, z, ids, epoch
+        )
+        return term[None], new, g
+
+    step = jax.jit(jax.shard_map(
+        local, mesh=mesh, in_specs=(P(), P("x"), P("x"), P()), out_specs=(P("x"), P(), P("x"))
+    ))
+    rep, shd = NamedSharding(mesh, P()), NamedSharding(mesh, P("x"))
+    state = jax.device_put(traj.init(), rep)
+    for (e, ids, z), (term1, grad1, state1) in zip(device_stream(), single_device_reference):
+        epoch = jax.device_put(jnp.int32(e), rep)
+        terms, state, grads = step(state, jax.device_put(z, shd), jax.device_put(ids, shd), epoch)
+        np.testing.assert_allclose(terms, np.full(NDEV, term1), rtol=1e-5, atol=1e-8)
+        np.testing.assert_allclose(np.asarray(grads) / NDEV, grad1, rtol=1e-5, atol=1e-8)
+        np.testing.assert_array_equal(state.logits, state1.logits)
+        np.testing.assert_array_equal(state.written_epoch, state1.written_epoch)
+
+
+@pytest.mark.parametrize("explicit", [False, True])
+def test_jit_with_sharded_buffer_matches_single_device(single_device_reference, explicit):
+    traj = tr.saf(DN, DC, lag=1, start_epoch=1, temperature=TAU, weight=WEIGHT)
+    if explicit:  # jax.make_mesh: Explicit axis types (sharding in types)
+        mesh = jax.make_mesh((NDEV,), ("x",))
+    else:
+        mesh = Mesh(np.array(jax.devices()[:NDEV]), ("x",))
+    shd = NamedSharding(mesh, P("x"))
+    state = traj.init(sharding=shd)
+    assert state.logits.addressable_shards[0].data.shape == (DN // NDEV, 2, DC)
+    assert state.written_epoch.addressable_shards[0].data.shape == (DN // NDEV, 2)
+    step = jax.jit(jax.value_and_grad(traj.update, argnums=1, has_aux=True))
+    for (e, ids, z), (term1, grad1, state1) in zip(device_stream(), single_device_reference):
+        (term, state), g = step(
+            state, jax.device_put(z, shd), jax.device_put(ids, shd), jnp.int32(e)
+        )
+        np.testing.assert_allclose(term, term1, rtol=1e-5, atol=1e-8)
+        np.testing.assert_allclose(g, grad1, rtol=1e-5, atol=1e-8)
+        np.testing.assert_array_equal(state.logits, state1.logits)
+        np.testing.assert_array_equal(state.written_epoch, state1.written_epoch)
+    assert state.logits.sharding.spec[0] == "x"  # still sharded along the example axis
+
+
+# ------------------------------------------------------------------------------------------------
+# MESA
+# ------------------------------------------------------------------------------------------------
+
+
+def test_mesa_ema_matches_python_loop():
+    rng = np.random.default_rng(4)
+    decay = 0.9
+
+    def variables_at(k):
+        return {
+            "params": {
+                "w": jnp.asarray(rng.normal(size=(3, 2)), jnp.float32),
+                "b": jnp.asarray(rng.normal(size=(2,)), jnp.bfloat16),
+            },
+            "batch_stats": {"mean": jnp.asarray(rng.normal(size=(2,)), jnp.float32)},
+            "step": jnp.asarray(k, jnp.int32),
+        }
+
+    teacher = tr.mesa(decay)
+    v0 = variables_at(0)
+    state = teacher.init(v0)
+    assert state.ema["params"]["b"].dtype == jnp.float32  # bf16 EMA would never move
+    ref = {k: np.asarray(x, np.float64) for k, x in
+           [("w", v0["params"]["w"]), ("b", v0["params"]["b"]), ("m", v0["batch_stats"]["mean"])]}
+    upd = jax.jit(teacher.update)
+    for k in range(1, 5):
+        v = variables_at(k)
+        state = upd(state, v)
+        for key, x in [("w", v["params"]["w"]), ("b", v["params"]["b"]),
+                       ("m", v["batch_stats"]["mean"])]:
+            ref[key] = decay * ref[key] + (1 - decay) * np.asarray(x, np.float64)
+    for got, key in [(state.ema["params"]["w"], "w"), (state.ema["params"]["b"], "b"),
+                     (state.ema["batch_stats"]["mean"], "m")]:
+        assert got.dtype == jnp.float32
+        np.testing.assert_allclose(got, ref[key], rtol=1e-6, atol=1e-7)
+    assert int(state.ema["step"]) == 4 and state.ema["step"].dtype == jnp.int32  # copied
+    assert int(state.count) == 4
+
+
+def test_mesa_decay_schedule_and_errors():
+    teacher = tr.mesa(lambda count: jnp.where(count == 0, 0.0, 0.5))
+    state = teacher.init({"w": jnp.array([0.0])})
+    state = teacher.update(state, {"w": jnp.array([4.0])})  # decay 0: copy
+    state = teacher.update(state, {"w": jnp.array([0.0])})  # decay 0.5
+    np.testing.assert_allclose(state.ema["w"], [2.0])
+    with pytest.raises(ValueError, match="decay"):
+        tr.mesa(1.5)
+    with pytest.raises(ValueError, match="pytree structure"):
+        teacher.update(state, {"v": jnp.array([0.0])})
+    with pytest.raises(ValueError, match="ema_logits must have the shape"):
+        teacher.loss(jnp.zeros((2, 3)), jnp.zeros((2, 4)), 0)
+
+
+def test_mesa_loss_formula_gating_mask_and_stop_gradient():
+    rng = np.random.default_rng(5)
+    z, t = rng.normal(size=(2, 5, 4)).astype(np.float32) * 3
+    teacher = tr.mesa(start_epoch=2, temperature=TAU, weight=0.8)
+
+    @jax.jit
+    def run(z, t, where):
+        grads = jax.grad(lambda a, b: teacher.loss(a, b, 2), argnums=(0, 1))(z, t)
+        masked = teacher.loss(z, t, 3, where=where)
+        return teacher.loss(z, t, 2), teacher.loss(z, t, 1), masked, grads
+
+    where = np.array([True, False, True, True, False])
+    at_start, before, masked, (gz, gt) = run(z, t, where)
+    np.testing.assert_allclose(at_start, 0.8 * np.mean(np_traj_kl(z, t, TAU)), rtol=1e-5)
+    assert float(before) == 0.0
+    np.testing.assert_allclose(
+        masked, 0.8 * np.mean(np_traj_kl(z[where], t[where], TAU)), rtol=1e-5
+    )
+    np.testing.assert_allclose(gz, 0.8 / 5 * np_traj_kl_grad(z, t, TAU), rtol=1e-5, atol=1e-7)
+    np.testing.assert_array_equal(gt, 0.0)
+
+
+# ------------------------------------------------------------------------------------------------
+# Combinators
+# ------------------------------------------------------------------------------------------------
+
+
+def linear_loss(w, batch):
+    """Task loss 0.5‖w‖² (gradient w) with logits x @ w in the aux."""
+    return 0.5 * jnp.sum(w**2), {"logits": batch["x"] @ w, "tag": 7}
+
+
+def test_with_saf_total_aux_and_gradient():
+    rng = np.random.default_rng(6)
+    x = rng.normal(size=(3, 4)).astype(np.float32)
+    w0, w1 = rng.normal(size=(2, 4, 2)).astype(np.float32)
+    traj = tr.saf(5, 2, lag=1, start_epoch=1, temperature=TAU, weight=WEIGHT)
+    f = jax.jit(jax.value_and_grad(tr.with_saf(linear_loss, traj), has_aux=True))
+    batch = {"x": x, "example_id": np.array([4, 0, 2])}
+    (_, out), _ = f(w0, traj.init(), batch, 0)
+    (total, out), g = f(w1, out.state, batch, 1)
+    z1, z0 = x @ w1, x @ w0
+    term = WEIGHT * np.mean(np_traj_kl(z1, z0, TAU))
+    np.testing.assert_allclose(out.term, term, rtol=1e-5)
+    np.testing.assert_allclose(total, 0.5 * np.sum(w1.astype(np.float64) ** 2) + term, rtol=1e-5)
+    exp_g = w1 + x.T @ (WEIGHT / 3 * np_traj_kl_grad(z1, z0, TAU))
+    np.testing.assert_allclose(g, exp_g, rtol=1e-5, atol=1e-6)
+    assert out.aux["tag"] == 7
+    np.testing.assert_allclose(out.state.logits[np.array([4, 0, 2]), 1], z1, rtol=1e-6)
+
+
+def test_with_saf_and_sam_write_clean_logits_once():
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=(3, 4)).astype(np.float32)
+    w = rng.normal(size=(4, 2)).astype(np.float32)
+    traj = tr.saf(3, 2, lag=1, start_epoch=0)
+    f = tr.with_saf(lambda p, b: (jnp.mean(jnp.sum((b["x"] @ p) ** 2, -1)), {"logits": b["x"] @ p}),
+                    traj)
+    opt = optax.chain(sharpax.sam(0.5), optax.sgd(0.1))
+    batch = {"x": x, "example_id": np.array([0, 1, 2])}
+
+    @jax.jit
+    def train_step(w, opt_state, saf_state, epoch):
+        (loss, out), grads = jax.value_and_grad(f, has_aux=True)(w, saf_state, batch, epoch)
+        grad_fn = lambda p: jax.grad(f, has_aux=True)(p, saf_state, batch, epoch)[0]  # noqa: E731
+        updates, opt_state = opt.update(grads, opt_state, w, grad_fn=grad_fn)
+        return optax.apply_updates(w, updates), opt_state, out.state
+
+    w_new, _, state = train_step(w, opt.init(w), traj.init(), jnp.int32(0))
+    # The buffer holds the clean logits x @ w (not the perturbed pass's), written at epoch 0.
+    np.testing.assert_allclose(state.logits[:, 0], x @ w, rtol=1e-6)
+    assert (np.asarray(state.written_epoch) == np.array([[0, -1]] * 3)).all()
+    assert not np.allclose(w_new, w)
+
+
+def test_with_mesa_teacher_is_constant_and_skipped_before_start():
+    rng = np.random.default_rng(8)
+    x = rng.normal(size=(3, 4)).astype(np.float32)
+    w, ema = rng.normal(size=(2, 4, 2)).astype(np.float32)
+    teacher = tr.mesa(0.9, start_epoch=2, temperature=TAU, weight=0.8)
+    state = tr.MESAState(ema=jnp.asarray(ema), count=jnp.int32(0))
+    f = tr.with_mesa(linear_loss, teacher, lambda e, b: b["x"] @ e)
+    step = jax.jit(jax.value_and_grad(f, has_aux=True))
+    (total, out), g = step(w, state, {"x": x}, jnp.int32(2))
+    term = 0.8 * np.mean(np_traj_kl(x @ w, x @ ema, TAU))
+    np.testing.assert_allclose(out.term, term, rtol=1e-5)
+    np.testing.assert_allclose(total, 0.5 * np.sum(w.astype(np.float64) ** 2) + term, rtol=1e-5)
+    np.testing.assert_allclose(
+        g, w + x.T @ (0.8 / 3 * np_traj_kl_grad(x @ w, x @ ema, TAU)), rtol=1e-5, atol=1e-6
+    )
+    np.testing.assert_array_equal(out.state.ema, ema)  # returned unchanged
+    assert int(out.state.count) == 0
+    # Traced epoch before start: 0 (teacher under lax.cond).
+    (_, out), _ = step(w, state, {"x": x}, jnp.int32(1))
+    assert float(out.term) == 0.0
+
+    # Python epoch before start: the teacher is not even called.
+    def no_teacher(e, b):
+        raise AssertionError("teacher evaluated before start_epoch")
+
+    f_no_teacher = jax.jit(tr.with_mesa(linear_loss, teacher, no_teacher), static_argnums=3)
+    total, out = f_no_teacher(w, state, {"x": x}, 1)
+    assert float(out.term) == 0.0
+
+
+# ------------------------------------------------------------------------------------------------
+# End to end: a tiny MLP on a data source that yields example ids
+# ------------------------------------------------------------------------------------------------
+
+EN, EB, EPOCHS = 96, 16, 6
+
+
+def make_dataset():
+    rng = np.random.default_rng(9)
+    centers = rng.normal(size=(3, 4)) * 2.5
+    y = np.arange(EN) % 3
+    x = (centers[y] + rng.normal(size=(EN, 4))).astype(np.float32)
+    return x, y.astype(np.int32)
+
+
+def data_source(x, y, epoch):
+    """Shuffled batches that carry each example's index in the training set."""
+    perm = np.random.default_rng(100 + epoch).permutation(EN)
+    for k in range(0, EN, EB):
+        ids = perm[k : k + EB]
+        yield {"x": x[ids], "y": y[ids], "example_id": ids}
+
+
+def mlp_init():
+    k1, k2 = jax.random.split(jax.random.key(0))
+    return {
+        "w1": jax.random.normal(k1, (4, 16)) * 0.5, "b1": jnp.zeros(16),
+        "w2": jax.random.normal(k2, (16, 3)) * 0.5, "b2": jnp.zeros(3),
+    }
+
+
+def mlp(params, x):
+    return jnp.tanh(x @ params["w1"] + params["b1"]) @ params["w2"] + params["b2"]
+
+
+def ce_loss(params, batch):
+    logits = mlp(params, batch["x"])
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"]).mean()
+    return loss, {"logits": logits, "ce": loss}
+
+
+def train(wrapped, traj_state, after_step, check_batch=None):
+    x, y = make_dataset()
+    params = mlp_init()
+    opt = optax.sgd(0.1, momentum=0.9)
+    opt_state = opt.init(params)
+
+    @jax.jit
+    def step(params, opt_state, traj_state, batch, epoch):
+        (loss, out), grads = jax.value_and_grad(wrapped, has_aux=True)(
+            params, traj_state, batch, epoch
+        )
+        updates, opt_state = opt.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, out
+
+    ce, terms, logged = [], [], []
+    for epoch in range(EPOCHS):
+        epoch_ce = []
+        for batch in data_source(x, y, epoch):
+            if check_batch is not None:
+                check_batch(batch)  # host boundary, NumPy
+            params, opt_state, out = step(params, opt_state, traj_state, batch, jnp.int32(epoch))
+            traj_state = after_step(out.state, params)
+            epoch_ce.append(float(out.aux["ce"]))
+            terms.append((epoch, float(out.term)))
+            logged.append((epoch, batch["example_id"], np.asarray(out.aux["logits"])))
+        ce.append(np.mean(epoch_ce))
+    return ce, terms, logged, traj_state
+
+
+def test_end_to_end_saf_training():
+    traj = tr.saf(EN, 3, lag=1, start_epoch=1)
+    ce, terms, logged, state = train(
+        tr.with_saf(ce_loss, traj),
+        traj.init(),
+        after_step=lambda state, params: state,
+        check_batch=lambda batch: traj.check_ids(batch["example_id"]),
+    )
+    assert np.all(np.isfinite(ce)) and all(np.isfinite(t) for _, t in terms)
+    assert ce[-1] < 0.5 * ce[0]
+    assert all(t == 0.0 for e, t in terms if e < 1) and all(t > 0 for e, t in terms if e >= 1)
+    # Every example's logits were stored under its own id (no batch/id mismatch).
+    stamps = np.asarray(state.written_epoch)
+    assert set(stamps[:, (EPOCHS - 1) % 2]) == {EPOCHS - 1}
+    assert set(stamps[:, EPOCHS % 2]) == {EPOCHS - 2}
+    buffer = np.asarray(state.logits)
+    for epoch, ids, logits in logged[-2 * (EN // EB) :]:
+        np.testing.assert_array_equal(buffer[ids, epoch % 2], logits)
+
+
+def test_end_to_end_mesa_training():
+    teacher = tr.mesa(0.9, start_epoch=1)
+    wrapped = tr.with_mesa(ce_loss, teacher, lambda ema, batch: mlp(ema, batch["x"]))
+    update = jax.jit(teacher.update)
+    ce, terms, _, state = train(
+        wrapped, teacher.init(mlp_init()), after_step=lambda state, params: update(state, params)
+    )
+    assert np.all(np.isfinite(ce)) and all(np.isfinite(t) for _, t in terms)
+    assert ce[-1] < 0.5 * ce[0]
+    assert all(t == 0.0 for e, t in terms if e < 1) and all(t > 0 for e, t in terms if e >= 1)
+    assert int(state.count) == EPOCHS * EN // EB
