@@ -7,6 +7,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 ScalarOrSchedule = float | jax.Array | Callable[[jax.Array], jax.Array]
@@ -18,10 +19,19 @@ def global_norm(tree: Any) -> jax.Array:
 
 
 def check_non_negative(name: str, value: Any) -> None:
-    """Raises ValueError for a negative Python/NumPy scalar; arrays inside jit pass."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        if value < 0:
-            raise ValueError(f"{name} must be >= 0, got {value}.")
+    """Raises ValueError for a negative concrete scalar (Python, NumPy or jax array).
+
+    Schedules (callables) and traced values (e.g. hyperparameters injected by
+    ``optax.inject_hyperparams`` inside ``jit``) cannot be checked eagerly and pass.
+    """
+    if callable(value) or isinstance(value, jax.core.Tracer) or isinstance(value, bool):
+        return
+    try:
+        array = np.asarray(value)
+    except Exception:  # noqa: BLE001 - not array-like: let the math fail loudly later
+        return
+    if array.ndim == 0 and np.issubdtype(array.dtype, np.number) and array < 0:
+        raise ValueError(f"{name} must be >= 0, got {value}.")
 
 
 def check_positive_int(name: str, value: Any) -> None:
@@ -57,6 +67,12 @@ def maybe_pmean(tree: Any, axis_name: str | None) -> Any:
     return tree if axis_name is None else jax.lax.pmean(tree, axis_name)
 
 
+def _safe_scale(rho: Any, norm: jax.Array, eps: Any) -> jax.Array:
+    """rho / (norm + eps), and 0 for a zero norm even when eps underflows (float16 hyperparams)."""
+    positive = norm > 0
+    return jnp.where(positive, rho / (jnp.where(positive, norm, 1.0) + eps), 0.0)
+
+
 def perturbation(
     ascent: Any,
     params: Any,
@@ -79,13 +95,13 @@ def perturbation(
             ascent,
             params,
         )
-        scale = rho / (global_norm(scaled) + eps)
+        scale = _safe_scale(rho, global_norm(scaled), eps)
         return jax.tree.map(
             lambda tg, w: (scale * (jnp.abs(w.astype(jnp.float32)) + eta) * tg).astype(w.dtype),
             scaled,
             params,
         )
-    scale = rho / (global_norm(ascent) + eps)
+    scale = _safe_scale(rho, global_norm(ascent), eps)
     return jax.tree.map(
         lambda g, w: (scale * g.astype(jnp.float32)).astype(w.dtype), ascent, params
     )

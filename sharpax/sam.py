@@ -60,7 +60,11 @@ def sam(
     both cases the returned SAM gradient is the device's own, *not* averaged:
     average it yourself, e.g. inside ``grad_fn``
     (``lambda p: jax.lax.pmean(jax.grad(loss)(p, b), 'batch')``), exactly as
-    you would average gradients for any optax optimizer.
+    you would average gradients for any optax optimizer. Under ``jax.shard_map``
+    with the default ``check_vma=True``, ``jax.grad`` of a per-device loss with
+    respect to replicated params is already summed over the mesh; use
+    ``check_vma=False`` (pmap semantics) or make the params device-varying with
+    ``jax.lax.pcast(params, axis, to='varying')`` to get per-device gradients.
 
     Gradient accumulation: use ``optax.chain(sharpax.sam(rho),
     optax.MultiSteps(opt, k).gradient_transformation())`` with ``grad_fn``
