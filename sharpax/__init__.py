@@ -1,5 +1,13 @@
 """sharpax: cheap, composable sharpness-aware training for JAX and optax."""
 
+from sharpax.reuse import LookSAMState
+from sharpax.reuse import VSAMState
+from sharpax.reuse import looksam
+from sharpax.reuse import num_sam_steps
+from sharpax.reuse import sam_due
+from sharpax.reuse import sam_rate
+from sharpax.reuse import upcoming_sam_steps
+from sharpax.reuse import vsam
 from sharpax.sam import SAMState
 from sharpax.sam import sam
 from sharpax.sharpness import hessian_top_eigenvalue
@@ -20,6 +28,14 @@ from sharpax.trajectory import with_saf
 __version__ = "0.1.0"
 
 __all__ = (
+    "LookSAMState",
+    "VSAMState",
+    "looksam",
+    "num_sam_steps",
+    "sam_due",
+    "sam_rate",
+    "upcoming_sam_steps",
+    "vsam",
     "SAMState",
     "sam",
     "hessian_top_eigenvalue",

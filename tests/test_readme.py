@@ -119,3 +119,11 @@ def test_saf_mesa_snippet_fills_the_buffer_and_the_ema(snapshots):
     ema = ns["mesa_state"].ema["params"]
     moved = jax.tree.map(lambda e, p: float(jnp.max(jnp.abs(e - p))), ema, ns["params"])
     assert all(np.isfinite(v) for v in jax.tree.leaves(moved))
+
+
+def test_two_function_vsam_loop_skips_the_second_pass_and_meets_the_quota(snapshots):
+    ns = _after(snapshots, "sam_step, reuse_step = make_step(True), make_step(False)")
+    num_sam = int(ns["sharpax"].num_sam_steps(ns["opt_state"]))
+    # 40 steps = 4 windows of 10; at least one SAM step per window, never all of them.
+    assert 4 <= num_sam < 40
+    assert float(ns["loss_fn"](ns["params"], (ns["x"], ns["y"]))) < 0.5

@@ -1,0 +1,721 @@
+"""Tests of sharpax.looksam / sharpax.vsam against hand-written references."""
+
+import functools
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
+
+from sharpax import reuse
+from sharpax.reuse import looksam, vsam
+
+# ----------------------------------------------------------------------------- tiny problems
+
+
+def mlp_loss(params, x, y):
+    h = jnp.tanh(x @ params["w1"] + params["b1"])
+    return jnp.mean((h @ params["w2"] - y) ** 2)
+
+
+def mlp_init(seed=0):
+    rng = np.random.default_rng(seed)
+    shapes = {"w1": (3, 4), "b1": (4,), "w2": (4, 1)}
+    return {k: jnp.asarray(rng.normal(size=v), jnp.float32) for k, v in shapes.items()}
+
+
+def mlp_data(steps, batch=8, seed=1, lead=()):
+    """Per-step batches; a prefix of the same stream whatever ``steps`` is.
+
+    NumPy arrays: indexing them per step costs nothing (eager jax indexing compiles).
+    """
+    rng = np.random.default_rng(seed)
+    n = max(steps, 100)
+    x = rng.normal(size=(n, *lead, batch, 3)).astype(np.float32)
+    y = rng.normal(size=(n, *lead, batch, 1)).astype(np.float32)
+    return x[:steps], y[:steps]
+
+
+CALLS = {"run": 0}  # executions of grad_fn inside compiled steps (via jax.debug.callback)
+
+
+def _count_run():
+    CALLS["run"] += 1
+
+
+def make_step(opt, sam_step=None, with_grad_fn=True):
+    """One jitted training step of the MLP with ``opt = chain(<sharpax>, sgd)``."""
+
+    def step(params, state, x, y):
+        def grad_fn(p):
+            jax.debug.callback(_count_run)
+            return jax.grad(mlp_loss)(p, x, y)
+
+        grads = jax.grad(mlp_loss)(params, x, y)
+        kwargs = {"sam_step": sam_step}
+        if with_grad_fn:
+            kwargs["grad_fn"] = grad_fn
+        updates, state = opt.update(grads, state, params, **kwargs)
+        return optax.apply_updates(params, updates), state
+
+    return jax.jit(step)
+
+
+class Setup(NamedTuple):
+    opt: optax.GradientTransformationExtraArgs
+    cond_step: Any  # sam_step=None: lax.cond on device
+    sam_fn: Any  # sam_step=True
+    reuse_fn: Any  # sam_step=False, no grad_fn at all
+
+
+def _setup(opt):
+    return Setup(opt, make_step(opt), make_step(opt, True), make_step(opt, False, False))
+
+
+VSAM_WINDOW, VSAM_WARMUP = 6, 4
+
+
+@pytest.fixture(scope="module")
+def vsam_setup():
+    # Compiled once and shared by several tests (compilation dominates the runtime).
+    transform = vsam(
+        0.05,
+        window=VSAM_WINDOW,
+        blocks=3,
+        warmup_steps=VSAM_WARMUP,
+        sensitivity=(4.0, 4.0),
+        seed=11,
+    )
+    return _setup(optax.chain(transform, optax.sgd(0.1, momentum=0.9)))
+
+
+@pytest.fixture(scope="module")
+def looksam_setup():
+    return _setup(optax.chain(looksam(0.05, k=3), optax.sgd(0.1, momentum=0.9)))
+
+
+def run_cond(setup, steps, seed=5):
+    """Trajectory of the lax.cond path: list of (params, state) after each step."""
+    xs, ys = mlp_data(steps, seed=seed)
+    params = mlp_init()
+    state = setup.opt.init(params)
+    out = [(params, state)]
+    for t in range(steps):
+        params, state = setup.cond_step(params, state, xs[t], ys[t])
+        out.append((params, state))
+    return out
+
+
+@jax.jit
+def reference_sam_step(params, x, y, rho, lr):
+    """Hand-written two-pass SAM + SGD (Foret et al. 2021), independent of sharpax."""
+    g = jax.grad(mlp_loss)(params, x, y)
+    norm = jnp.sqrt(sum(jnp.sum(leaf**2) for leaf in jax.tree.leaves(g)))
+    perturbed = jax.tree.map(lambda w, gg: w + rho * gg / (norm + 1e-12), params, g)
+    g_sam = jax.grad(mlp_loss)(perturbed, x, y)
+    return jax.tree.map(lambda w, gg: w - lr * gg, params, g_sam)
+
+
+def assert_trees_close(a, b, atol):
+    for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_allclose(np.asarray(u), np.asarray(v), atol=atol, rtol=0)
+
+
+def inner(state):
+    """The sharpax state at the head of ``optax.chain(sharpax_transform, ...)``."""
+    return state[0]
+
+
+def all_finite(tree):
+    return all(np.all(np.isfinite(np.asarray(leaf))) for leaf in jax.tree.leaves(tree))
+
+
+# ----------------------------------------------------------------------------- equal to SAM
+
+
+@pytest.mark.parametrize(
+    "make_opt",
+    [
+        lambda: looksam(0.1, k=1),
+        lambda: vsam(0.1, window=4, blocks=2, warmup_steps=2**31 - 1),
+    ],
+    ids=["looksam_k1", "vsam_permanent_warmup"],
+)
+def test_full_sam_configurations_equal_two_pass_sam(make_opt):
+    lr, rho, steps = 0.2, 0.1, 6
+    opt = optax.chain(make_opt(), optax.sgd(lr))
+    step = make_step(opt)
+    xs, ys = mlp_data(steps)
+    params = ref = mlp_init()
+    state = opt.init(params)
+    for t in range(steps):
+        assert bool(reuse.sam_due(state))
+        params, state = step(params, state, xs[t], ys[t])
+        ref = reference_sam_step(ref, xs[t], ys[t], rho, lr)
+        assert_trees_close(params, ref, atol=1e-6)
+    assert int(reuse.num_sam_steps(state)) == steps
+    assert float(jnp.abs(ref["w1"] - mlp_init()["w1"]).max()) > 1e-3  # it did move
+
+
+# ----------------------------------------------------------------------------- LookSAM formula
+
+
+def test_looksam_matches_numpy_formula_on_quadratic():
+    rng = np.random.default_rng(0)
+    m = rng.normal(size=(4, 4))
+    a_mat = m @ m.T + np.eye(4)
+    b_vec = rng.normal(size=4)
+    rho, alpha, k, lr, steps = 0.2, 0.7, 3, 0.05, 10
+
+    # numpy reference (float64), Liu et al. 2022, Alg. 1
+    w = np.array([1.0, -2.0, 0.5, 3.0])
+    ref_traj = []
+    g_v = None
+    for t in range(steps):
+        g = a_mat @ w + b_vec
+        if t % k == 0:
+            g_s = a_mat @ (w + rho * g / (np.linalg.norm(g) + 1e-12)) + b_vec
+            g_v = g_s - (g_s @ g) / (g @ g) * g
+            out = g_s
+        else:
+            out = g + alpha * np.linalg.norm(g) / np.linalg.norm(g_v) * g_v
+        w = w - lr * out
+        ref_traj.append(w.copy())
+
+    a_j, b_j = jnp.asarray(a_mat, jnp.float32), jnp.asarray(b_vec, jnp.float32)
+    grad = lambda p: a_j @ p + b_j
+    opt = optax.chain(looksam(rho, k=k, alpha=alpha), optax.sgd(lr))
+
+    @jax.jit
+    def step(p, s):
+        u, s = opt.update(grad(p), s, p, grad_fn=grad)
+        return optax.apply_updates(p, u), s
+
+    p = jnp.array([1.0, -2.0, 0.5, 3.0])
+    s = opt.init(p)
+    for t in range(steps):
+        assert bool(inner(s).sam_due) == (t % k == 0)
+        p, s = step(p, s)
+        np.testing.assert_allclose(np.asarray(p), ref_traj[t], rtol=1e-5, atol=1e-5)
+    assert int(inner(s).num_sam_steps) == 4
+
+
+def test_looksam_zero_gradients_and_parallel_direction_no_nan():
+    params = {"a": jnp.ones(3), "b": jnp.ones((2, 2))}
+    opt = looksam(0.05, k=2)
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    update = jax.jit(opt.update, static_argnames=("grad_fn", "sam_step"))
+    zero_fn = lambda p: zeros
+    state = opt.init(params)
+    for _ in range(4):
+        out, state = update(zeros, state, params, grad_fn=zero_fn)
+        assert all_finite((out, state))
+        np.testing.assert_array_equal(np.asarray(out["a"]), 0.0)
+    assert int(state.num_sam_steps) == 2
+    # g_s parallel to g: the orthogonal part is 0 and a reuse step returns g itself.
+    g = jax.tree.map(lambda x: 0.5 * x, params)
+    state = opt.init(params)
+    _, state = opt.update(g, state, params, grad_fn=lambda p: jax.tree.map(lambda x: 3 * x, g))
+    assert_trees_close(state.g_v, zeros, atol=1e-6)
+    out, state = opt.update(g, state, params, sam_step=False)
+    assert all_finite(out)
+    assert_trees_close(out, g, atol=1e-6)
+
+
+def test_looksam_override_counts_what_happened():
+    opt = looksam(0.05, k=4)
+    params = jnp.ones(2)
+    g = jnp.array([0.3, -0.2])
+    state = opt.init(params)
+    _, state = opt.update(g, state, params, grad_fn=lambda p: 2 * p, sam_step=False)
+    out, state = opt.update(g, state, params, grad_fn=lambda p: 2 * p, sam_step=True)
+    assert int(state.num_sam_steps) == 1 and int(state.count) == 2
+    assert not bool(state.sam_due)  # the schedule stays count % k
+    ref_eps = 0.05 * np.array([0.3, -0.2]) / np.linalg.norm([0.3, -0.2])
+    np.testing.assert_allclose(np.asarray(out), 2 * (np.ones(2) + ref_eps), rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------- vSAM mechanics
+
+
+@functools.partial(jax.jit, static_argnames=("sam_step",))
+def small_vsam_update(g, u, state, decay, max_reuse, warmup, sam_step):
+    """vsam(window=6, blocks=3, seed=3) on 3 params with grad_fn(p) = g + u, so psf = u.
+
+    reuse_decay, max_reuse and warmup_steps are traced: one compilation serves several tests.
+    """
+    opt = vsam(
+        0.05,
+        window=6,
+        blocks=3,
+        seed=3,
+        sensitivity=(1.0, 1.0),
+        reuse_decay=decay,
+        max_reuse=max_reuse,
+        warmup_steps=warmup,
+    )
+    return opt.update(g, state, jnp.zeros(3), grad_fn=lambda p: g + u, sam_step=sam_step)
+
+
+def small_vsam_init(warmup=0):
+    return vsam(window=6, blocks=3, seed=3, warmup_steps=warmup).init(jnp.zeros(3))
+
+
+@pytest.mark.parametrize("decay,max_reuse", [(0.7, 6), (0.5, 2)])
+def test_vsam_reuse_weight_sequence(decay, max_reuse):
+    g, u = jnp.array([1.0, 0.0, 0.0]), jnp.array([0.0, 2.0, -1.0])
+    update = functools.partial(small_vsam_update, decay=decay, max_reuse=max_reuse, warmup=0)
+    state = small_vsam_init()
+    out, state = update(g, u, state, sam_step=True)
+    np.testing.assert_allclose(np.asarray(out), [1.0, 2.0, -1.0])
+    weights = []
+    for _ in range(max_reuse + 3):
+        out, state = update(g, u, state, sam_step=False)
+        weights.append(float(out[1]) / 2.0)
+        np.testing.assert_allclose(np.asarray(out), g + weights[-1] * u, rtol=1e-6)
+    expected = [decay**i for i in range(1, max_reuse + 1)] + [0.0] * 3
+    np.testing.assert_allclose(weights, expected, rtol=1e-6)
+    assert int(state.num_sam_steps) == 1 and int(state.reuse_left) == 0
+    # a new SAM step resets the weight
+    _, state = update(g, u, state, sam_step=True)
+    out, state = update(g, u, state, sam_step=False)
+    np.testing.assert_allclose(float(out[1]), 2.0 * decay, rtol=1e-6)
+
+
+def test_vsam_reuse_step_needs_neither_grad_fn_nor_params():
+    opt = vsam(window=4, blocks=2, max_reuse=1)
+    g = {"w": jnp.ones(2)}
+    update = jax.jit(lambda g, s: opt.update(g, s, sam_step=False))
+    out, state = update(g, opt.init(g))  # no SAM step yet: plain g
+    assert_trees_close(out, g, atol=0)
+    assert int(state.num_sam_steps) == 0 and int(state.count) == 1
+
+
+def sequential_plan(u, pos, taken, quota, prob):
+    """The authors' per-step rule, one step at a time."""
+    w = len(u)
+    plan = np.zeros(w, bool)
+    for i in range(pos, w):
+        plan[i] = (taken < quota and u[i] < prob) or (w - i <= quota - taken)
+        taken += plan[i]
+    return plan
+
+
+def test_window_plan_equals_sequential_rule():
+    rng = np.random.default_rng(0)
+    plan_fn = jax.jit(jax.vmap(reuse._plan_window))
+    for w in (2, 9):
+        n = 300
+        u = rng.uniform(size=(n, w)).astype(np.float32)
+        pos = rng.integers(0, w, size=n)
+        quota = rng.integers(0, w + 1, size=n)
+        taken = rng.integers(0, quota + 2)
+        prob = rng.uniform(size=n).astype(np.float32)
+        got = np.asarray(plan_fn(u, pos, taken, quota, prob))
+        for i in range(n):
+            want = sequential_plan(u[i], pos[i], taken[i], quota[i], prob[i])
+            np.testing.assert_array_equal(got[i], want, err_msg=str(i))
+
+
+def test_vsam_quota_met_in_every_window(vsam_setup):
+    window, warmup, windows = VSAM_WINDOW, VSAM_WARMUP, 12
+    steps = warmup + windows * window
+    CALLS["run"] = 0
+    traj = run_cond(vsam_setup, steps, seed=1)
+    jax.effects_barrier()
+    states = [inner(s) for _, s in traj]
+    n = np.array([int(s.num_sam_steps) for s in states])
+    assert CALLS["run"] == n[-1]  # grad_fn ran on SAM steps only
+    did = np.diff(n).astype(bool)
+    assert did[:warmup].all()
+    quotas = []
+    for j in range(windows):
+        first = warmup + j * window
+        s = states[first]  # state before the window's first step
+        assert int(s.window_pos) == 0 and int(s.taken) == 0
+        q = int(s.quota)
+        assert q == int(np.floor(float(s.base_rate)))
+        assert 1 <= q <= int(window * 0.8)
+        np.testing.assert_allclose(float(s.sam_rate), q / window, rtol=1e-6)
+        assert did[first : first + window].sum() == q, (j, q, did[first : first + window])
+        # the plan made at the window start is what happened
+        np.testing.assert_array_equal(np.asarray(s.plan), did[first : first + window])
+        quotas.append(q)
+    assert max(quotas) > 1  # the rate moved: this checked more than the minimum quota
+
+
+@jax.jit
+def _constructed_step(state, s_r, s_v, base, turn, quad):
+    """vSAM (window 6, blocks 3, warm-up 12) on g = e1, grad_fn = g + a·e2: psf = a·e2.
+
+    a = base**(min(k, turn) - max(k - turn, 0)) + quad·k², k = SAM steps so far.
+    """
+    opt = vsam(0.05, window=6, blocks=3, sensitivity=(s_r, s_v), warmup_steps=12)
+    k = state.num_sam_steps.astype(jnp.float32)
+    a = base ** (jnp.minimum(k, turn) - jnp.maximum(k - turn, 0.0)) + quad * k**2
+    g = jnp.array([1.0, 0.0, 0.0])
+    grad_fn = lambda p: g + a * jnp.array([0.0, 1.0, 0.0])
+    _, state = opt.update(g, state, jnp.zeros(3), grad_fn=grad_fn)
+    return state
+
+
+def constructed_run(sensitivity, base, turn, quad, steps):
+    """Returns base_rate at each window start and the final state."""
+    state = vsam(window=6, blocks=3, warmup_steps=12).init(jnp.zeros(3))
+    rates = []
+    for t in range(steps):
+        if t >= 12 and (t - 12) % 6 == 0:
+            rates.append(float(state.base_rate))
+        state = _constructed_step(state, *sensitivity, base, turn, quad)
+    return np.array(rates), state
+
+
+def test_vsam_rate_formula_matches_numpy_at_first_window():
+    s1, s2, window, blocks, warmup = 0.3, 0.2, 6, 3, 12
+    rates, _ = constructed_run((s1, s2), 1.1, 1e9, 0.05, warmup + 1)
+    # numpy: n_k = a_k (‖e2‖ = 1), r_k = n_k / ‖e1‖ = n_k, v from sorted blocks once full
+    a = np.array([1.1**k + 0.05 * k**2 for k in range(warmup)])
+    v = [
+        np.mean(np.var(np.sort(a[k - window + 1 : k + 1]).reshape(blocks, -1), axis=1, ddof=1))
+        for k in range(window - 1, warmup)
+    ]
+    r_buf, v_buf = a[-window:], np.array(v[-window:])
+    dr = np.clip(np.mean(np.diff(r_buf) / r_buf[:-1]), -1, 1)
+    dv = np.clip(np.mean(np.diff(v_buf) / v_buf[:-1]), -1, 1)
+    expected = np.clip(1.0 * (1 + s1 * dr + s2 * dv), 1, int(window * 0.8))
+    assert expected > 1.05
+    np.testing.assert_allclose(rates[0], expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize("sensitivity", [(1.0, 0.0), (0.0, 1.0)], ids=["r", "v"])
+def test_vsam_rate_rises_and_falls_with_statistic(sensitivity):
+    # The PSF norm grows 1.3x per SAM step for 30 SAM steps, then shrinks 1/1.3x per SAM step:
+    # r = n / ‖g‖ changes by the same factor, v (variance of sorted neighbours) by its square.
+    turn, cap = 30, 4  # cap = floor(6 * 0.8)
+    rates, state = constructed_run(sensitivity, 1.3, float(turn), 0.0, 12 + 16 * 6)
+    peak = int(np.argmax(rates))
+    rise, fall = rates[: peak + 1], rates[peak:]
+    assert rise[0] > 1.0 and np.all(np.diff(rise) > 0) and rise[-1] == cap, rates
+    assert np.all(np.diff(fall) <= 0) and fall[-1] == 1.0, rates
+    assert np.sum(np.diff(fall) < 0) >= 2, rates  # it came down window by window
+    assert int(state.num_sam_steps) > turn + 6  # the shrinking values filled the buffers
+    assert all_finite(state)
+
+
+def test_vsam_statistics_helpers_match_numpy():
+    rng = np.random.default_rng(3)
+    buf = rng.uniform(0.5, 2.0, size=10).astype(np.float32)
+    buf[6] = 0.0  # a zero denominator is skipped
+    for m in [0, 1, 2, 5, 10]:
+        got = float(reuse._mean_relative_change(jnp.asarray(buf), m))
+        pairs = [(buf[i], buf[i + 1]) for i in range(10 - m, 9) if buf[i] > 0]
+        want = np.clip(np.mean([(b - a) / a for a, b in pairs]), -1, 1) if pairs else 0.0
+        np.testing.assert_allclose(got, want, rtol=1e-6)
+    got = float(reuse._block_variance(jnp.asarray(buf), 5))
+    want = np.mean(np.var(np.sort(buf).reshape(5, 2), axis=1, ddof=1))
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+def test_vsam_zero_gradients_no_nan():
+    zeros = jnp.zeros(3)
+    state = small_vsam_init(warmup=5)
+    for _ in range(5 + 3 * 6):
+        out, state = small_vsam_update(zeros, zeros, state, 0.7, 6, 5, sam_step=None)
+        assert all_finite((out, state))
+    assert int(state.num_sam_steps) == 5 + 3  # warm-up + one SAM step per window
+    assert float(state.base_rate) == 1.0
+
+
+def test_vsam_stat_mask_selects_leaves():
+    params = {"a": jnp.zeros(2), "b": jnp.zeros(2)}
+    g = {"a": jnp.array([1.0, 0.0]), "b": jnp.array([0.0, 2.0])}
+    psf = {"a": jnp.array([0.0, 3.0]), "b": jnp.array([4.0, 0.0])}
+    grad_fn = lambda p: jax.tree.map(jnp.add, g, psf)
+    for mask, n, gn in [
+        (None, 5.0, np.sqrt(5.0)),
+        ({"a": False, "b": True}, 4.0, 2.0),
+        (lambda p: {"a": True, "b": False}, 3.0, 1.0),
+    ]:
+        opt = vsam(window=4, blocks=2, stat_mask=mask)
+        _, state = opt.update(g, opt.init(params), params, grad_fn=grad_fn, sam_step=True)
+        np.testing.assert_allclose(float(state.psf_norms[-1]), n, rtol=1e-6)
+        np.testing.assert_allclose(float(state.psf_ratios[-1]), n / gn, rtol=1e-6)
+
+
+def test_vsam_sam_step_override_is_honoured_and_quota_kept():
+    window = 6
+    g, u = jnp.array([0.3, -0.2, 0.0]), jnp.array([0.0, 0.1, 0.5])
+    update = functools.partial(small_vsam_update, g, u, decay=0.7, max_reuse=6, warmup=0)
+    state = small_vsam_init()
+    assert int(state.quota) == 1
+    # Skip the planned SAM step: it is made up later in the window.
+    first = int(np.argmax(np.asarray(state.plan)))
+    assert first < window - 1  # (seed chosen so that there is something to make up)
+    did = []
+    for i in range(window):
+        override = False if i == first else bool(state.sam_due)
+        n0 = int(state.num_sam_steps)
+        _, state = update(state, sam_step=override)
+        did.append(int(state.num_sam_steps) - n0)
+    assert did[first] == 0 and sum(did[first + 1 :]) == 1 and sum(did) == 1, did
+    # Force an extra SAM step at the start of the next window: the plan drops one.
+    assert int(state.window_pos) == 0
+    q = int(state.quota)
+    did = []
+    for i in range(window):
+        override = True if i == 0 else bool(state.sam_due)
+        n0 = int(state.num_sam_steps)
+        _, state = update(state, sam_step=override)
+        did.append(int(state.num_sam_steps) - n0)
+    assert did[0] == 1 and sum(did) == q, did
+
+
+# ----------------------------------------------------------------------------- grad_fn skipped
+
+
+@pytest.mark.parametrize("name", ["looksam_setup", "vsam_setup"])
+def test_grad_fn_not_executed_on_reuse_steps(name, request):
+    setup = request.getfixturevalue(name)
+    CALLS["run"] = 0
+    traj = run_cond(setup, 14)
+    jax.effects_barrier()
+    n_sam = int(reuse.num_sam_steps(traj[-1][1]))
+    assert CALLS["run"] == n_sam and 0 < n_sam < 14, (CALLS, n_sam)
+
+    # Static sam_step: no conditional in the program; with False grad_fn is never called.
+    traced = {"n": 0}
+
+    def step(params, state, x, y, sam_step):
+        def grad_fn(p):
+            traced["n"] += 1
+            return jax.grad(mlp_loss)(p, x, y)
+
+        grads = jax.grad(mlp_loss)(params, x, y)
+        return setup.opt.update(grads, state, params, grad_fn=grad_fn, sam_step=sam_step)
+
+    params, state = traj[-1]
+    x, y = mlp_data(1)
+    args = (params, state, x[0], y[0])
+    jaxpr = str(jax.make_jaxpr(lambda *a: step(*a, None))(*args))
+    assert "cond[" in jaxpr and traced["n"] == 1  # grad_fn traced inside the SAM branch only
+    for flag in (False, True):
+        traced["n"] = 0
+        jaxpr = str(jax.make_jaxpr(lambda *a, f=flag: step(*a, f))(*args))
+        assert "cond[" not in jaxpr
+        assert traced["n"] == int(flag)  # never even called with sam_step=False
+
+
+# ----------------------------------------------------------------------------- host dispatch
+
+
+@pytest.mark.parametrize("name", ["looksam_setup", "vsam_setup"])
+def test_two_function_loop_equals_cond_path(name, request):
+    setup = request.getfixturevalue(name)
+    steps = 30
+    xs, ys = mlp_data(steps, seed=5)
+    traj = run_cond(setup, steps, seed=5)
+    decisions_a = [bool(reuse.sam_due(s)) for _, s in traj[:-1]]
+    assert 0 < sum(decisions_a) < steps
+
+    # Two compiled programs, the host picks one per step from sam_due.
+    p, s = mlp_init(), setup.opt.init(mlp_init())
+    for t in range(steps):
+        due = bool(reuse.sam_due(s))
+        assert due == decisions_a[t]
+        p, s = (setup.sam_fn if due else setup.reuse_fn)(p, s, xs[t], ys[t])
+        assert_trees_close(p, traj[t + 1][0], atol=1e-6)
+
+    # Plan-ahead loop: one host read per window.
+    p, s = mlp_init(), setup.opt.init(mlp_init())
+    t, decisions_c, reads = 0, [], 0
+    while t < steps:
+        reads += 1
+        for due in reuse.upcoming_sam_steps(s):
+            if t == steps:
+                break
+            decisions_c.append(bool(due))
+            p, s = (setup.sam_fn if due else setup.reuse_fn)(p, s, xs[t], ys[t])
+            t += 1
+    assert decisions_c == decisions_a
+    assert_trees_close(p, traj[-1][0], atol=1e-6)
+    if name == "vsam_setup":
+        assert reads == 1 + -(-(steps - VSAM_WARMUP) // VSAM_WINDOW)
+
+
+# ----------------------------------------------------------------------------- resume
+
+
+def test_vsam_jit_resume_from_saved_state_is_exact(vsam_setup):
+    steps, cut = 30, 13
+    xs, ys = mlp_data(steps, seed=9)
+    full = run_cond(vsam_setup, steps, seed=9)[-1]
+    p, s = run_cond(vsam_setup, cut, seed=9)[-1]
+    saved = jax.tree.map(np.asarray, (p, s))  # e.g. what a checkpointer writes
+    p, s = jax.tree.map(jnp.asarray, saved)
+    for t in range(cut, steps):
+        p, s = vsam_setup.cond_step(p, s, xs[t], ys[t])
+    for a, b in zip(jax.tree.leaves((p, s)), jax.tree.leaves(full), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert VSAM_WARMUP < int(reuse.num_sam_steps(s)) < steps
+
+
+# ----------------------------------------------------------------------------- data parallel
+
+N_DEV = 8
+
+
+def dp_setup(axis_name, steps):
+    opt = vsam(
+        0.05, window=4, blocks=2, warmup_steps=4, sensitivity=(4.0, 4.0), axis_name=axis_name
+    )
+    xs, ys = mlp_data(steps, batch=4, seed=7, lead=(N_DEV,))
+    xs = xs * (1.0 + np.arange(N_DEV, dtype=np.float32))[None, :, None, None]  # per device
+
+    def step(params, state, x, y):
+        grads = jax.grad(mlp_loss)(params, x, y)
+        updates, state = opt.update(
+            grads, state, params, grad_fn=lambda p: jax.grad(mlp_loss)(p, x, y)
+        )
+        return jax.tree.map(lambda w, u: w - 0.1 * u, params, updates), state
+
+    rep = lambda tree: jax.tree.map(lambda a: jnp.stack([a] * N_DEV), tree)
+    return step, rep(mlp_init()), rep(opt.init(mlp_init())), xs, ys
+
+
+SCHEDULE_FIELDS = [
+    "sam_due",
+    "plan",
+    "base_rate",
+    "quota",
+    "num_sam_steps",
+    "psf_ratios",
+    "psf_vars",
+]
+
+
+def replicas_agree(state):
+    return all(
+        np.all(np.asarray(getattr(state, f)) == np.asarray(getattr(state, f))[0])
+        for f in SCHEDULE_FIELDS
+    )
+
+
+@pytest.mark.parametrize(
+    "mapper,axis_name", [("pmap", "batch"), ("pmap", None), ("shard_map", "batch")]
+)
+def test_vsam_decisions_across_devices(mapper, axis_name):
+    steps = 16
+    step, params, state, xs, ys = dp_setup(axis_name, steps)
+    if mapper == "pmap":
+        fn = jax.pmap(step, axis_name="batch")
+    else:
+        mesh = Mesh(np.array(jax.devices()[:N_DEV]), ("batch",))
+        squeeze = lambda t: jax.tree.map(lambda a: a[0], t)
+        expand = lambda t: jax.tree.map(lambda a: a[None], t)
+        fn = jax.jit(
+            jax.shard_map(
+                lambda *args: expand(step(*squeeze(args))),
+                mesh=mesh,
+                in_specs=(P("batch"),) * 4,
+                out_specs=(P("batch"), P("batch")),
+            )
+        )
+    dues, rates = [], []
+    for t in range(steps):
+        params, state = fn(params, state, xs[t], ys[t])
+        if axis_name:
+            assert replicas_agree(state), t
+        dues.append(np.asarray(state.sam_due))
+        rates.append(np.asarray(state.base_rate))
+    dues, rates = np.array(dues), np.array(rates)
+    if axis_name:
+        assert 0 < dues[:, 0].sum() < steps and len(np.unique(rates[:, 0])) > 1  # nontrivial
+    else:
+        # Control: without axis_name each device follows its own statistics and drifts.
+        assert np.ptp(rates[-1]) > 0 and not replicas_agree(state)
+
+
+# ----------------------------------------------------------------------------- state readers
+
+
+def test_helpers_read_nested_states():
+    params = jnp.array([1.0, -2.0])
+    loss = lambda w: jnp.sum(w**4)
+    chain = optax.chain(
+        optax.clip_by_global_norm(10.0),
+        vsam(0.05, window=4, blocks=2, warmup_steps=2),
+        optax.sgd(0.01),
+    )
+    injected = optax.inject_hyperparams(
+        lambda learning_rate: optax.chain(
+            vsam(0.05, window=4, blocks=2, warmup_steps=2), optax.sgd(learning_rate)
+        )
+    )(learning_rate=0.01)
+    for opt, get_inner in [(chain, lambda s: s[1]), (injected, lambda s: s.inner_state[0])]:
+        p, s = params, opt.init(params)
+        for _ in range(5):  # eager, host-dispatched through the chain
+            due = bool(reuse.sam_due(s))
+            u, s = opt.update(jax.grad(loss)(p), s, p, grad_fn=jax.grad(loss), sam_step=due)
+            p = optax.apply_updates(p, u)
+        st = get_inner(s)
+        assert isinstance(st, reuse.VSAMState)
+        assert int(reuse.num_sam_steps(s)) == int(st.num_sam_steps) >= 2
+        assert bool(reuse.sam_due(s)) == bool(st.sam_due)
+        np.testing.assert_allclose(float(reuse.sam_rate(s)), int(st.quota) / 4, rtol=1e-6)
+        np.testing.assert_array_equal(
+            reuse.upcoming_sam_steps(s), np.asarray(st.plan)[int(st.window_pos) :]
+        )
+
+    # LookSAM under inject_hyperparams, with an injected rho and a static k.
+    opt = optax.inject_hyperparams(looksam, static_args=("k",))(rho=0.05, k=2)
+    s = opt.init(params)
+    _, s = opt.update(jax.grad(loss)(params), s, params, grad_fn=jax.grad(loss))
+    assert not bool(reuse.sam_due(s)) and int(reuse.num_sam_steps(s)) == 1
+    np.testing.assert_array_equal(reuse.upcoming_sam_steps(s), [False])
+    with pytest.raises(ValueError, match="sam_rate"):
+        reuse.sam_rate(s)
+    with pytest.raises(ValueError, match="num_sam_steps"):
+        reuse.num_sam_steps(optax.sgd(0.1).init(params))
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def test_invalid_arguments_raise_clear_errors():
+    params = jnp.ones(2)
+    for opt in (looksam(), vsam(window=10, blocks=5)):
+        state = opt.init(params)
+        for bad in (jnp.asarray(True), 1, np.bool_(True)):
+            with pytest.raises(TypeError, match="sam_step must be None"):
+                opt.update(params, state, params, grad_fn=lambda p: p, sam_step=bad)
+        with pytest.raises(TypeError, match="grad_fn"):
+            opt.update(params, state, params)
+        with pytest.raises(ValueError, match="params"):
+            opt.update(params, state, None, grad_fn=lambda p: p, sam_step=True)
+    with pytest.raises(ValueError, match="multiple of blocks"):
+        vsam(window=10, blocks=3)
+    with pytest.raises(ValueError, match="multiple of blocks"):
+        vsam(window=5, blocks=5)
+    with pytest.raises(ValueError, match="max_rate"):
+        vsam(window=10, blocks=5, max_rate=1.5)
+    with pytest.raises(ValueError, match="max_rate"):
+        vsam(window=4, blocks=2, max_rate=0.2)
+    with pytest.raises(ValueError, match="sensitivity"):
+        vsam(sensitivity=0.1)
+    with pytest.raises(ValueError, match="reuse_decay"):
+        vsam(reuse_decay=1.5)
+    with pytest.raises(ValueError, match="max_reuse"):
+        vsam(max_reuse=-1)
+    with pytest.raises(TypeError, match="window"):
+        vsam(window=jnp.asarray(10))
+    with pytest.raises(ValueError, match="k must"):
+        looksam(k=0)
+    with pytest.raises(ValueError, match="rho"):
+        looksam(-0.1)
+    opt = vsam(window=4, blocks=2, stat_mask={"a": True})
+    with pytest.raises(ValueError, match="stat_mask"):
+        opt.update({"b": params}, opt.init({"b": params}), {"b": params}, grad_fn=lambda p: p)
