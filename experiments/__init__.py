@@ -1,0 +1,1 @@
+"""Reference experiments for sharpax: models, input pipelines and the training CLI."""

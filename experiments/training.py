@@ -1,0 +1,440 @@
+"""Training machinery shared by the CLI, the `compare` demo and the benchmark.
+
+Everything sharpness-related goes through sharpax's public API:
+
+* ``sgd``: plain optimizer.
+* ``sam`` / ``asam``: ``sharpax.sam`` first in the optax chain; the perturbed
+  pass runs the model in train mode but its batch-statistics updates are
+  discarded (the clean pass's statistics are kept, as google-research/sam does).
+* ``looksam`` / ``vsam``: ``sharpax.looksam`` / ``sharpax.vsam``. By default the
+  host dispatches between two compiled step functions (SAM step / reuse step)
+  from ``sharpax.sam_due(opt_state)``; ``config.dispatch='cond'`` lets the
+  transform decide on device with ``lax.cond`` instead (fine on GPU/TPU, very
+  slow on XLA:CPU).
+* ``saf``: ``sharpax.saf`` per-example logit buffer, trajectory term added to
+  the loss, buffer threaded through the step.
+* ``mesa``: ``sharpax.mesa`` EMA teacher, evaluated in eval mode.
+
+Data parallelism: ``jax.jit`` over a 1-D mesh named ``'data'``; batches are
+sharded along it, the train state is replicated (the SAF buffer can be sharded
+along the example axis with ``config.saf.shard_buffer``). Under ``jit`` the
+loss is the global-batch mean, so SAM's ascent direction is the global
+gradient (synced SAM).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from collections.abc import Callable, Iterator
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import sharpax
+from experiments import input_pipeline, models
+
+METHODS = ("sgd", "sam", "asam", "looksam", "vsam", "saf", "mesa")
+TWO_PASS = ("sam", "asam", "looksam", "vsam")
+
+
+class TrainState(NamedTuple):
+    """Everything a step reads and writes; a pytree of arrays (checkpointable).
+
+    ``traj`` holds the SAF buffer (``sharpax.SAFState``), the MESA EMA
+    (``sharpax.MESAState``) or an empty dict for the other methods.
+    """
+
+    step: jax.Array
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+    traj: Any
+    rng: jax.Array
+
+
+@dataclasses.dataclass
+class Setup:
+    """A model, an optimizer and the compiled step functions for one config."""
+
+    config: ml_collections.ConfigDict
+    model: Any
+    tx: optax.GradientTransformationExtraArgs
+    traj: Any  # sharpax.saf(...) / sharpax.mesa(...) / None
+    mesh: Mesh
+    steps_per_epoch: int
+    num_classes: int
+    input_shape: tuple[int, ...]
+    train_step: Callable[..., tuple[TrainState, dict]]
+    eval_step: Callable[..., dict]
+
+
+# ----------------------------------------------------------------------------- optimizer
+
+
+def learning_rate_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int):
+    total = config.num_epochs * steps_per_epoch
+    warmup = int(config.get("warmup_epochs", 0) * steps_per_epoch)
+    if config.lr_schedule == "constant":
+        return optax.constant_schedule(config.learning_rate)
+    if config.lr_schedule != "cosine":
+        raise ValueError(f"unknown lr_schedule {config.lr_schedule!r}")
+    if warmup:
+        return optax.warmup_cosine_decay_schedule(
+            0.0, config.learning_rate, warmup, max(total, warmup + 1)
+        )
+    return optax.cosine_decay_schedule(config.learning_rate, max(total, 1))
+
+
+def make_optimizer(
+    config: ml_collections.ConfigDict, steps_per_epoch: int, num_devices: int = 1
+) -> optax.GradientTransformationExtraArgs:
+    """The base optimizer, with the method's sharpax transform first in the chain."""
+    lr = learning_rate_schedule(config, steps_per_epoch)
+    if config.optimizer == "sgd":
+        base = optax.chain(
+            optax.add_decayed_weights(config.weight_decay),
+            optax.sgd(lr, momentum=config.momentum, nesterov=config.get("nesterov", False)),
+        )
+    elif config.optimizer == "adamw":
+        base = optax.chain(
+            optax.clip_by_global_norm(config.get("grad_clip", 1.0)),
+            optax.adamw(lr, b1=0.9, b2=0.999, weight_decay=config.weight_decay),
+        )
+    else:
+        raise ValueError(f"unknown optimizer {config.optimizer!r}")
+
+    method = config.method
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
+    if method in ("sam", "asam"):
+        front = sharpax.sam(config.sam.rho, adaptive=method == "asam", eta=config.sam.eta)
+    elif method == "looksam":
+        front = sharpax.looksam(config.sam.rho, k=config.looksam.k, alpha=config.looksam.alpha)
+    elif method == "vsam":
+        v = config.vsam
+        front = sharpax.vsam(
+            config.sam.rho,
+            window=v.window,
+            blocks=v.blocks,
+            max_rate=v.max_rate,
+            sensitivity=tuple(v.sensitivity),
+            reuse_decay=v.reuse_decay,
+            max_reuse=v.max_reuse,
+            warmup_steps=v.warmup_steps,
+            seed=config.seed,
+        )
+    else:
+        return base
+    return optax.chain(front, base)
+
+
+def make_trajectory(config: ml_collections.ConfigDict, num_examples: int, num_classes: int):
+    if config.method == "saf":
+        s = config.saf
+        return sharpax.saf(
+            num_examples,
+            num_classes,
+            lag=s.lag,
+            start_epoch=s.start_epoch,
+            temperature=s.temperature,
+            weight=s.weight,
+            dtype=jnp.dtype(s.dtype),
+        )
+    if config.method == "mesa":
+        m = config.mesa
+        return sharpax.mesa(
+            m.decay, start_epoch=m.start_epoch, temperature=m.temperature, weight=m.weight
+        )
+    return None
+
+
+# ----------------------------------------------------------------------------- steps
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array, num_classes: int, smoothing: float):
+    onehot = jax.nn.one_hot(labels, num_classes)
+    if smoothing:
+        onehot = optax.smooth_labels(onehot, smoothing)
+    return optax.softmax_cross_entropy(logits.astype(jnp.float32), onehot)
+
+
+def _variables(params, batch_stats):
+    return {"params": params, "batch_stats": batch_stats} if batch_stats else {"params": params}
+
+
+def make_step_fns(setup_args: dict) -> tuple[Callable, Callable]:
+    """Builds ``train_step(state, batch, epoch, sam_step)`` and ``eval_step(state, batch)``."""
+    model = setup_args["model"]
+    tx = setup_args["tx"]
+    traj = setup_args["traj"]
+    config = setup_args["config"]
+    num_classes = setup_args["num_classes"]
+    smoothing = config.get("label_smoothing", 0.0)
+    method = config.method
+
+    def forward(params, batch_stats, images, rng, train=True):
+        variables = _variables(params, batch_stats)
+        if train:
+            logits, mutated = model.apply(
+                variables, images, train=True, mutable=["batch_stats"], rngs={"dropout": rng}
+            )
+            return logits, mutated.get("batch_stats", batch_stats)
+        return model.apply(variables, images, train=False), batch_stats
+
+    def task_loss(params, batch_stats, batch, rng):
+        logits, new_stats = forward(params, batch_stats, batch["image"], rng)
+        loss = cross_entropy(logits, batch["label"], num_classes, smoothing).mean()
+        return loss, (logits, new_stats)
+
+    def train_step(state: TrainState, batch: dict, epoch: jax.Array, sam_step: bool | None):
+        rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+
+        if method == "saf":
+
+            def loss_fn(params):
+                loss, (logits, new_stats) = task_loss(params, state.batch_stats, batch, rng)
+                term, new_traj = traj.update(state.traj, logits, batch["id"], epoch)
+                return loss + term, (loss, term, logits, new_stats, new_traj)
+
+        elif method == "mesa":
+            ema = state.traj.ema
+            teacher_logits, _ = forward(ema["params"], ema.get("batch_stats"), batch["image"], rng, train=False)
+            teacher_logits = jax.lax.stop_gradient(teacher_logits)
+
+            def loss_fn(params):
+                loss, (logits, new_stats) = task_loss(params, state.batch_stats, batch, rng)
+                term = traj.loss(logits, teacher_logits, epoch)
+                return loss + term, (loss, term, logits, new_stats, state.traj)
+
+        else:
+
+            def loss_fn(params):
+                loss, (logits, new_stats) = task_loss(params, state.batch_stats, batch, rng)
+                return loss, (loss, jnp.zeros([]), logits, new_stats, state.traj)
+
+        (_, (loss, term, logits, new_stats, new_traj)), grads = jax.value_and_grad(
+            loss_fn, has_aux=True
+        )(state.params)
+
+        # The perturbed pass of SAM-type methods: same mini-batch, same loss,
+        # train-mode forward, batch-statistics updates discarded.
+        def grad_fn(params, *unused):  # optax.contrib.sam also passes its inner step index
+            del unused
+            return jax.grad(lambda p: task_loss(p, state.batch_stats, batch, rng)[0])(params)
+
+        extra = {"grad_fn": grad_fn}
+        if method in ("looksam", "vsam"):
+            extra["sam_step"] = sam_step
+        updates, opt_state = tx.update(grads, state.opt_state, state.params, **extra)
+        params = optax.apply_updates(state.params, updates)
+        if method == "mesa":
+            new_traj = traj.update(new_traj, _variables(params, new_stats))
+        acc = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
+        metrics = {"loss": loss, "traj_term": term, "accuracy": acc}
+        new_state = TrainState(
+            step=state.step + 1,
+            params=params,
+            batch_stats=new_stats,
+            opt_state=opt_state,
+            traj=new_traj,
+            rng=state.rng,
+        )
+        return new_state, metrics
+
+    def eval_step(state: TrainState, batch: dict) -> dict:
+        logits, _ = forward(state.params, state.batch_stats, batch["image"], None, train=False)
+        mask = batch["mask"].astype(jnp.float32)
+        loss = cross_entropy(logits, batch["label"], num_classes, 0.0)
+        correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
+        return {
+            "loss_sum": jnp.sum(loss * mask),
+            "correct": jnp.sum(correct * mask),
+            "count": jnp.sum(mask),
+        }
+
+    return train_step, eval_step
+
+
+# ----------------------------------------------------------------------------- setup
+
+
+def make_mesh(devices=None) -> Mesh:
+    devices = np.asarray(devices if devices is not None else jax.devices())
+    return Mesh(devices.reshape(-1), ("data",))
+
+
+def setup(
+    config: ml_collections.ConfigDict,
+    *,
+    train_size: int,
+    mesh: Mesh | None = None,
+) -> Setup:
+    info = input_pipeline.get_dataset_info(config.dataset)
+    num_classes = info.num_classes
+    input_shape = tuple(info.input_shape)
+    mesh = mesh or make_mesh()
+    n_dev = mesh.devices.size
+    for field in ("batch_size", "eval_batch_size"):
+        if config.get(field, config.batch_size) % n_dev:
+            raise ValueError(
+                f"{field} {config.get(field)} must be divisible by the {n_dev} devices of the mesh"
+            )
+    steps_per_epoch = train_size // config.batch_size
+    if config.get("max_steps_per_epoch"):
+        steps_per_epoch = min(steps_per_epoch, config.max_steps_per_epoch)
+    model = models.get_model(config.model, num_classes, **dict(config.get("model_kwargs", {})))
+    tx = make_optimizer(config, steps_per_epoch)
+    traj = make_trajectory(config, train_size, num_classes)
+    args = dict(model=model, tx=tx, traj=traj, config=config, num_classes=num_classes)
+    train_step, eval_step = make_step_fns(args)
+
+    jit_train = jax.jit(
+        train_step,
+        static_argnames=("sam_step",),
+        donate_argnums=(0,),
+    )
+    jit_eval = jax.jit(eval_step)
+    return Setup(
+        config=config,
+        model=model,
+        tx=tx,
+        traj=traj,
+        mesh=mesh,
+        steps_per_epoch=steps_per_epoch,
+        num_classes=num_classes,
+        input_shape=input_shape,
+        train_step=jit_train,
+        eval_step=jit_eval,
+    )
+
+
+def state_shardings(s: Setup, state: TrainState):
+    """Replicated everywhere, except the SAF buffer when ``config.saf.shard_buffer``."""
+    replicated = NamedSharding(s.mesh, P())
+    shardings = jax.tree.map(lambda _: replicated, state)
+    if s.config.method == "saf" and s.config.saf.get("shard_buffer", False):
+        example_axis = NamedSharding(s.mesh, P("data"))
+        traj = jax.tree.map(lambda _: example_axis, state.traj)
+        shardings = shardings._replace(traj=traj)
+    return shardings
+
+
+def init_state(s: Setup) -> TrainState:
+    rng = jax.random.key(s.config.seed)
+    init_rng, state_rng = jax.random.split(rng)
+    variables = models.init_model(s.model, init_rng, s.input_shape)
+    params = variables["params"]
+    batch_stats = variables.get("batch_stats", {})
+    opt_state = s.tx.init(params)
+    if s.config.method == "saf":
+        traj = s.traj.init()
+    elif s.config.method == "mesa":
+        traj = s.traj.init(_variables(params, batch_stats))
+    else:
+        traj = {}
+    state = TrainState(
+        step=jnp.zeros([], jnp.int32),
+        params=params,
+        batch_stats=batch_stats,
+        opt_state=opt_state,
+        traj=traj,
+        rng=jax.random.key_data(state_rng),  # raw uint32 key data: checkpointable
+    )
+    state = jax.device_put(state, state_shardings(s, state))
+    # The step donates its state: no two leaves may share a buffer (an optimizer's
+    # init may reuse one zeros array for several counters).
+    return jax.tree.map(lambda x: x.copy(), state)
+
+
+def train_iter(
+    config: ml_collections.ConfigDict, source, epoch: int, steps: int
+) -> Iterator[dict]:
+    """This process's batches of one training epoch (deterministic in seed and epoch)."""
+    preprocess = input_pipeline.get_preprocess(
+        config.dataset, train=bool(config.get("augment", True)), cutout_size=config.get("cutout", 0)
+    )
+    batches = input_pipeline.train_batches(
+        source,
+        epoch,
+        config.batch_size,
+        config.seed,
+        preprocess=preprocess,
+        num_threads=config.get("data_threads", 0),
+    )
+    return itertools.islice(batches, steps)
+
+
+def eval_iter(config: ml_collections.ConfigDict, source) -> Iterator[dict]:
+    """This process's eval batches; padding rows carry ``mask=False``."""
+    return input_pipeline.eval_batches(
+        source,
+        config.get("eval_batch_size", config.batch_size),
+        preprocess=input_pipeline.get_preprocess(config.dataset, train=False),
+        num_threads=config.get("data_threads", 0),
+    )
+
+
+def put_batch(s: Setup, batch: dict) -> dict:
+    """Per-process numpy batch -> global array sharded along the mesh's data axis."""
+    sharding = NamedSharding(s.mesh, P("data"))
+    return {
+        k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()
+    }
+
+
+def next_sam_step(s: Setup, state: TrainState) -> bool | None:
+    """Host-side dispatch for LookSAM/vSAM: which of the two compiled steps runs next."""
+    if s.config.method not in ("looksam", "vsam") or s.config.get("dispatch", "host") == "cond":
+        return None
+    return bool(jax.device_get(sharpax.sam_due(state.opt_state)))
+
+
+def run_train_epoch(
+    s: Setup,
+    state: TrainState,
+    batches: Iterator[dict],
+    epoch: int,
+    progress: Callable[[dict], None] | None = None,
+) -> tuple[TrainState, dict]:
+    """One epoch; returns the new state and host-side epoch metrics."""
+    sums = {"loss": 0.0, "accuracy": 0.0, "traj_term": 0.0}
+    n = 0
+    pending = []
+    epoch_arr = jnp.asarray(epoch, jnp.int32)
+    for batch in batches:
+        if s.config.method == "saf":
+            s.traj.check_ids(batch["id"])  # host boundary: out-of-range ids raise, never clamp
+        sam_step = next_sam_step(s, state)
+        state, metrics = s.train_step(state, put_batch(s, batch), epoch_arr, sam_step=sam_step)
+        pending.append(metrics)
+        n += 1
+        if progress is not None and (n % 10 == 0):
+            m = jax.device_get(pending[-1])
+            progress({k: float(v) for k, v in m.items()})
+    for m in jax.device_get(pending):
+        for k in sums:
+            sums[k] += float(m[k])
+    return state, {f"train_{k}": v / max(n, 1) for k, v in sums.items()} | {"train_steps": n}
+
+
+def evaluate(s: Setup, state: TrainState, batches: Iterator[dict]) -> dict:
+    totals = {"loss_sum": 0.0, "correct": 0.0, "count": 0.0}
+    outs = [s.eval_step(state, put_batch(s, b)) for b in batches]
+    for o in jax.device_get(outs):
+        for k in totals:
+            totals[k] += float(o[k])
+    count = max(totals["count"], 1.0)
+    return {"test_loss": totals["loss_sum"] / count, "test_accuracy": totals["correct"] / count}
+
+
+def num_sam_steps(state: TrainState, method: str) -> int:
+    if method in ("sgd", "saf", "mesa"):
+        return 0
+    return int(jax.device_get(sharpax.num_sam_steps(state.opt_state)))

@@ -1,0 +1,142 @@
+"""End-to-end tests of experiments/: every method through the CLI's entry point, resume, data parallel."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from experiments import input_pipeline, train, training
+from experiments.configs import base, mnist1d
+
+ALL_METHODS = training.METHODS
+
+
+def tiny_config(method: str, **overrides):
+    c = mnist1d.get_config(method)
+    c.num_epochs = 1
+    c.batch_size = 32
+    c.eval_batch_size = 256
+    c.max_steps_per_epoch = 5
+    c.saf.start_epoch = 0
+    c.mesa.start_epoch = 0
+    c.looksam.k = 2
+    c.vsam.window = 4
+    c.vsam.blocks = 2
+    for k, v in overrides.items():
+        setattr(c, k, v)
+    return c
+
+
+def _timeless(rows):
+    drop = {"images_per_sec", "train_time_s", "wall_time_s"}
+    return [{k: v for k, v in r.items() if k not in drop} for r in rows]
+
+
+@pytest.mark.parametrize("method", ALL_METHODS)
+def test_every_method_runs_one_epoch_through_the_cli_entry_point(method, tmp_path):
+    config = tiny_config(method)
+    rows = train.train_and_evaluate(config, str(tmp_path), progress=False)
+    assert len(rows) == 1
+    row = rows[0]
+    for key in ("train_loss", "train_accuracy", "test_loss", "test_accuracy", "images_per_sec"):
+        assert np.isfinite(row[key]), (key, row)
+    assert 0.0 <= row["test_accuracy"] <= 1.0
+    assert row["train_steps"] == 5
+    expected_fraction = {"sgd": 0.0, "saf": 0.0, "mesa": 0.0, "sam": 1.0, "asam": 1.0, "looksam": 3 / 5}
+    if method in expected_fraction:  # LookSAM k=2: steps 0, 2, 4 are SAM steps.
+        assert row["sam_step_fraction"] == pytest.approx(expected_fraction[method])
+    else:  # vSAM: at least its quota of one SAM step per window of 4.
+        assert 0.0 < row["sam_step_fraction"] <= 1.0
+    if method in ("saf", "mesa"):
+        assert row["train_traj_term"] >= 0.0
+    with open(tmp_path / "metrics.jsonl") as f:
+        assert json.loads(f.readline())["method"] == method
+    assert os.listdir(tmp_path / "checkpoints")
+
+
+def test_config_strings_and_bad_method():
+    c = mnist1d.get_config("vsam,runlocal")
+    assert c.method == "vsam" and c.num_epochs == 1
+    with pytest.raises(ValueError, match="unknown method"):
+        base.parse_arg("adam")
+
+
+@pytest.mark.parametrize("method", ["vsam", "saf", "mesa"])
+def test_resume_gives_identical_params_and_metrics(method, tmp_path):
+    config = tiny_config(method, num_epochs=2, max_steps_per_epoch=4)
+    config.saf.lag = 1
+    straight = train.train_and_evaluate(config, str(tmp_path / "straight"), progress=False)
+    first = train.train_and_evaluate(
+        config, str(tmp_path / "resumed"), progress=False, stop_after_epochs=1
+    )
+    assert len(first) == 1  # "killed" after one epoch
+    resumed = train.train_and_evaluate(config, str(tmp_path / "resumed"), progress=False)
+    assert _timeless(resumed) == _timeless(straight)
+
+    def final_state(workdir):
+        s = training.setup(config, train_size=len(input_pipeline.make_source("mnist1d", "train")))
+        import orbax.checkpoint as ocp
+
+        mgr = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"))
+        target = training.init_state(s)
+        out = mgr.restore(
+            mgr.latest_step(),
+            args=ocp.args.Composite(state=ocp.args.StandardRestore(target)),
+        )
+        mgr.close()
+        return out["state"]
+
+    a = final_state(str(tmp_path / "straight"))
+    b = final_state(str(tmp_path / "resumed"))
+    jax.tree.map(np.testing.assert_array_equal, a, b)
+
+
+@pytest.mark.parametrize("method", ["sam", "vsam", "saf", "mesa"])
+def test_eight_device_step_equals_one_device_step(method):
+    config = tiny_config(method)
+    if method == "saf":
+        config.saf.shard_buffer = True  # the buffer sharded along the example axis on 8 devices
+    source = input_pipeline.make_source("mnist1d", "train")
+    devices = jax.devices()
+    assert len(devices) == 8
+    runs = {}
+    for n in (1, 8):
+        s = training.setup(config, train_size=len(source), mesh=training.make_mesh(devices[:n]))
+        state = training.init_state(s)
+        losses = []
+        for epoch in range(2):
+            for batch in training.train_iter(config, source, epoch, 3):
+                sam_step = training.next_sam_step(s, state)
+                state, m = s.train_step(
+                    state, training.put_batch(s, batch), jnp.asarray(epoch), sam_step=sam_step
+                )
+                losses.append(float(m["loss"]) + float(m["traj_term"]))
+        runs[n] = (jax.device_get(state), losses)
+    np.testing.assert_allclose(runs[1][1], runs[8][1], rtol=2e-5, atol=1e-6)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5),
+        runs[1][0].params,
+        runs[8][0].params,
+    )
+    if method == "saf":
+        np.testing.assert_allclose(
+            runs[1][0].traj.logits, runs[8][0].traj.logits, rtol=1e-4, atol=1e-5
+        )
+
+
+def test_cifar_pipeline_trains_on_mock_data(tmp_path):
+    import tensorflow_datasets as tfds
+
+    from experiments.configs import cifar10_resnet18
+
+    config = cifar10_resnet18.get_config("saf,runlocal")
+    config.model = "mnist_cnn"  # a tiny model; ResNet shapes are covered in test_models.py
+    config.model_kwargs = type(config.model_kwargs)()
+    config.saf.start_epoch = 0
+    config.data_dir = str(tmp_path / "tfds")
+    with tfds.testing.mock_data(num_examples=64, policy=tfds.testing.MockPolicy.USE_CODE):
+        rows = train.train_and_evaluate(config, str(tmp_path / "work"), progress=False)
+    assert np.isfinite(rows[0]["train_loss"]) and rows[0]["train_steps"] == 2
