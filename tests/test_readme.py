@@ -127,3 +127,21 @@ def test_two_function_vsam_loop_skips_the_second_pass_and_meets_the_quota(snapsh
     # 40 steps = 4 windows of 10; at least one SAM step per window, never all of them.
     assert 4 <= num_sam < 40
     assert float(ns["loss_fn"](ns["params"], (ns["x"], ns["y"]))) < 0.5
+
+
+def test_sharpness_snippet_matches_the_closed_form(snapshots):
+    # For a quadratic loss, L(θ+ε) − L(θ) = gᵀε + ½ εᵀHε exactly, and λmax is H's top eigenvalue.
+    ns = _after(snapshots, "sharpax.sam_sharpness(batch_loss")
+    x, y, p = np.asarray(ns["x"], np.float64), np.asarray(ns["y"], np.float64), ns["params"]
+    w, b = np.asarray(p["w"], np.float64), np.asarray(p["b"], np.float64)
+    a = np.concatenate([x, np.ones((len(x), 1))], axis=1)  # θ = (w, b)
+    theta = np.concatenate([w[:, 0], b])
+    hess = 2 * a.T @ a / len(x)
+    g = hess @ theta - 2 * a.T @ y[:, 0] / len(x)
+    eps = 0.05 * g / np.linalg.norm(g)
+    expected = g @ eps + 0.5 * eps @ hess @ eps
+    got = float(ns["sharpax"].sam_sharpness(ns["batch_loss"], p, rho=0.05))
+    np.testing.assert_allclose(got, expected, rtol=2e-3, atol=1e-6)
+    lam = float(ns["sharpax"].hessian_top_eigenvalue(ns["batch_loss"], p, num_iters=50, key=jax.random.key(0)))
+    np.testing.assert_allclose(lam, np.linalg.eigvalsh(hess).max(), rtol=1e-3)
+    assert ns["curves"].shape == (4, 5)
