@@ -73,6 +73,8 @@ class Setup:
     input_shape: tuple[int, ...]
     train_step: Callable[..., tuple[TrainState, dict]]
     eval_step: Callable[..., dict]
+    # LookSAM/vSAM host dispatch: upcoming decisions read from the state (see next_sam_step).
+    plan: list[bool] = dataclasses.field(default_factory=list)
 
 
 # ----------------------------------------------------------------------------- optimizer
@@ -390,10 +392,18 @@ def put_batch(s: Setup, batch: dict) -> dict:
 
 
 def next_sam_step(s: Setup, state: TrainState) -> bool | None:
-    """Host-side dispatch for LookSAM/vSAM: which of the two compiled steps runs next."""
+    """Host-side dispatch for LookSAM/vSAM: which of the two compiled steps runs next.
+
+    Reads ``sharpax.upcoming_sam_steps`` (vSAM: the rest of the current window's
+    plan, one device-to-host read per window; LookSAM: the next decision) and
+    serves decisions from that queue. ``None`` (decide on device) for the other
+    methods and for ``config.dispatch == 'cond'``.
+    """
     if s.config.method not in ("looksam", "vsam") or s.config.get("dispatch", "host") == "cond":
         return None
-    return bool(jax.device_get(sharpax.sam_due(state.opt_state)))
+    if not s.plan:
+        s.plan.extend(bool(d) for d in sharpax.upcoming_sam_steps(state.opt_state))
+    return s.plan.pop(0)
 
 
 def run_train_epoch(

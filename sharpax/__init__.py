@@ -9,6 +9,7 @@ from sharpax.reuse import sam_rate
 from sharpax.reuse import upcoming_sam_steps
 from sharpax.reuse import vsam
 from sharpax.sam import SAMState
+from sharpax.sam import pmean_updates
 from sharpax.sam import sam
 from sharpax.sharpness import hessian_top_eigenvalue
 from sharpax.sharpness import loss_landscape
@@ -37,6 +38,7 @@ __all__ = (
     "upcoming_sam_steps",
     "vsam",
     "SAMState",
+    "pmean_updates",
     "sam",
     "hessian_top_eigenvalue",
     "loss_landscape",

@@ -20,6 +20,19 @@ forward-backward pass).
   than outside one, so this two-function path is the fast one there.
 
 The state always advances the schedule, so both paths give the same trajectory.
+
+Data parallel (``pmap`` / ``shard_map``), the recipe shared with
+:func:`sharpax.sam`: pass each device's own gradient and a per-device
+``grad_fn`` (no ``pmean`` inside it), and average the transform's *output*
+right after it with :func:`sharpax.pmean_updates`::
+
+  optax.chain(sharpax.vsam(0.05, axis_name='batch'),
+              sharpax.pmean_updates('batch'), optax.sgd(0.1, momentum=0.9))
+
+The cached direction (LookSAM's ``g_v``, vSAM's PSF) is then each device's own,
+computed from that device's clean and SAM gradients. See each transform's
+docstring for when the averaged output equals a single-device run on the global
+batch.
 """
 
 from __future__ import annotations
@@ -35,8 +48,7 @@ import optax
 
 from sharpax import _common
 
-_F32 = jnp.float32
-_INT32_MAX = int(np.iinfo(np.int32).max)
+_F32 = _common.F32
 
 
 # --------------------------------------------------------------------------- shared helpers
@@ -53,49 +65,6 @@ def _check_sam_step(sam_step: Any, owner: str) -> None:
         )
 
 
-def _check_number(
-    name: str, value: Any, *, low: float, high: float | None = None, low_open: bool = False
-) -> None:
-    """Range check for Python/NumPy numbers; arrays (e.g. inject_hyperparams) pass."""
-    if isinstance(value, bool):
-        raise TypeError(f"{name} must be a number, got {value!r}.")
-    if isinstance(value, (int, float, np.number)):
-        too_low = value <= low if low_open else value < low
-        if too_low or (high is not None and value > high):
-            interval = f"{'(' if low_open else '['}{low}, {high if high is not None else 'inf'}]"
-            raise ValueError(f"{name} must be in {interval}, got {value}.")
-
-
-def _check_int(name: str, value: Any, *, low: int, static: bool = False) -> None:
-    """Checks an int argument; ``static=True`` also rejects arrays (shape-determining)."""
-    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
-        if value < low or value > _INT32_MAX:
-            raise ValueError(f"{name} must be an int in [{low}, 2**31 - 1], got {value}.")
-        return
-    if static or isinstance(value, (bool, float)) or not hasattr(value, "dtype"):
-        raise TypeError(
-            f"{name} must be a Python int (under optax.inject_hyperparams list it in "
-            f"static_args), got {value!r}."
-        )
-
-
-def _safe_div(num: jax.Array, den: jax.Array) -> jax.Array:
-    """num / den where den > 0, else 0 (no NaN, also in gradients)."""
-    ok = den > 0
-    return jnp.where(ok, num / jnp.where(ok, den, 1), 0)
-
-
-def _sam_gradient(updates, params, grad_fn, rho_t, eps, axis_name):
-    """grad_fn(w + ε), ε = rho·g/(‖g‖+eps) with g the (optionally pmean-ed) ascent gradient.
-
-    Exactly the computation of :func:`sharpax.sam` (plain, non-adaptive).
-    """
-    ascent = _common.maybe_pmean(updates, axis_name)
-    eps_tree = _common.perturbation(ascent, params, rho_t, eps=eps)
-    sam_grads = grad_fn(_common.add(params, eps_tree))
-    return jax.tree.map(lambda s, g: s.astype(g.dtype), sam_grads, updates)
-
-
 def _branch(sam_step, pred, sam_branch, reuse_branch, operand):
     """lax.cond on ``pred`` when ``sam_step`` is None, else the static branch only."""
     if sam_step is None:
@@ -105,10 +74,6 @@ def _branch(sam_step, pred, sam_branch, reuse_branch, operand):
 
 def _did_sam(sam_step, state) -> jax.Array:
     return state.sam_due if sam_step is None else jnp.asarray(sam_step)
-
-
-def _cast_like(tree, like):
-    return jax.tree.map(lambda x, y: x.astype(y.dtype), tree, like)
 
 
 # --------------------------------------------------------------------------- LookSAM
@@ -125,7 +90,9 @@ class LookSAMState(NamedTuple):
       sam_due: bool scalar, the schedule's decision for the *next* step:
         ``count % k == 0``.
       g_v: pytree like the params, the cached component of the last SAM
-        gradient orthogonal to the clean gradient of that step.
+        gradient orthogonal to the clean gradient of that step (this
+        device's, under data parallelism). Leaves are at least float32
+        (float32 for bfloat16/float16 params), whatever the params' dtype.
 
     Examples:
       >>> import jax.numpy as jnp, sharpax
@@ -171,11 +138,26 @@ def looksam(
     honoured (``num_sam_steps`` and ``g_v`` reflect what was done) and the
     schedule stays ``count % k == 0``.
 
-    Data parallel: ``axis_name`` averages the ascent gradient as in
-    :func:`sharpax.sam`. The returned gradient is built from the ``grads`` you
-    pass and the ``grad_fn`` output, so pass averaged gradients and average
-    inside ``grad_fn`` to get an averaged update on every step. The schedule
-    depends only on ``count``, so all devices agree.
+    The cached ``g_v`` is kept in at least float32 (float32 for bfloat16 /
+    float16 params, like MESA's EMA): one float32 copy of the params.
+
+    Data parallel: pass each device's own gradient and a per-device
+    ``grad_fn`` (no ``pmean`` inside it) and average the output right after
+    the transform with :func:`sharpax.pmean_updates` (see :func:`sharpax.sam`).
+    ``axis_name`` averages the ascent gradient exactly as in
+    :func:`sharpax.sam`; ``g`` in the projection, ``g_s`` and so ``g_v`` are
+    the device's own. On SAM steps the averaged output is the SAM gradient of
+    the global batch (with ``axis_name``) or the mean of per-device SAM
+    gradients (``axis_name=None``, m-sharpness). On reuse steps each device
+    applies LookSAM to its own gradient: the output is
+    ``mean_i (g_i + alpha · (‖g_i‖ / ‖g_v,i‖) · g_v,i)``, which is *not*
+    single-device LookSAM on the global batch (the projection and the
+    ``‖g‖ / ‖g_v‖`` scaling are nonlinear). For exactly the single-device
+    computation on the global batch, pass ``pmean``-ed gradients and
+    ``pmean`` inside ``grad_fn`` instead (every device then holds the same
+    ``g``, ``g_s`` and ``g_v``, at the same communication cost, but without
+    per-device ascent). The schedule depends only on ``count``, so all
+    devices agree.
 
     Args:
       rho: neighbourhood radius, a non-negative float or a schedule of ``count``.
@@ -209,16 +191,16 @@ def looksam(
     """
     _common.check_non_negative("rho", rho)
     _common.check_non_negative("alpha", alpha)
-    _common.check_non_negative("eps", eps)
-    _check_int("k", k, low=1)
+    _common.check_non_negative("eps", eps, schedule=False)
+    k = _common.check_int("k", k, low=1, static=False)
 
     def init_fn(params: optax.Params) -> LookSAMState:
-        zero = jnp.zeros([], jnp.int32)
+        # Every leaf its own buffer, so a train state can be donated to jit.
         return LookSAMState(
-            count=zero,
-            num_sam_steps=zero,
-            sam_due=jnp.asarray(True),
-            g_v=optax.tree.zeros_like(params),
+            count=jnp.zeros([], jnp.int32),
+            num_sam_steps=jnp.zeros([], jnp.int32),
+            sam_due=jnp.ones([], bool),
+            g_v=_common.zeros_f32_like(params),
         )
 
     def update_fn(
@@ -240,15 +222,19 @@ def looksam(
 
         def sam_branch(operand):
             g, g_v_old = operand
-            g_s = _sam_gradient(g, params, grad_fn, rho_t, eps, axis_name)
-            g32, g_s32 = optax.tree.cast(g, _F32), optax.tree.cast(g_s, _F32)
-            coef = _safe_div(optax.tree.vdot(g_s32, g32), optax.tree.vdot(g32, g32))
-            g_v = jax.tree.map(lambda s, gg: s - coef * gg, g_s32, g32)
-            return g_s, _cast_like(g_v, g_v_old)
+            g_s = _common.sam_gradient(g, params, grad_fn, rho_t, eps=eps, axis_name=axis_name)
+            coef = _common.safe_div(_common.vdot32(g_s, g), _common.vdot32(g, g))
+
+            def orthogonal(s, gg, old):
+                dtype = _common.at_least_f32(old.dtype)
+                return s.astype(dtype) - coef.astype(dtype) * gg.astype(dtype)
+
+            g_v = jax.tree.map(orthogonal, g_s, g, g_v_old)
+            return g_s, _common.cast_like(g_v, g_v_old)
 
         def reuse_branch(operand):
             g, g_v = operand
-            scale = alpha_t * _safe_div(_common.global_norm(g), _common.global_norm(g_v))
+            scale = alpha_t * _common.safe_div(_common.global_norm(g), _common.global_norm(g_v))
             out = jax.tree.map(
                 lambda gg, v: (gg.astype(_F32) + scale * v.astype(_F32)).astype(gg.dtype), g, g_v
             )
@@ -298,7 +284,9 @@ class VSAMState(NamedTuple):
       reuse_weight: float32 scalar, weight of the cached PSF at the last
         reuse step (1 right after a SAM step).
       reuse_left: int32 scalar, reuse steps left before plain gradients.
-      psf: pytree like the params, cached PSF = g_s − g of the last SAM step.
+      psf: pytree like the params, cached PSF = g_s − g of the last SAM step
+        (this device's, under data parallelism), with at least float32
+        leaves whatever the params' dtype.
       psf_norms: float32 ``[window]``, n = ‖psf‖ of the last ``window`` SAM
         steps, oldest first (only the last ``min(num_sam_steps, window)``
         entries are valid).
@@ -344,7 +332,7 @@ def _mean_relative_change(buf: jax.Array, num_valid: jax.Array) -> jax.Array:
     a, b = buf[:-1], buf[1:]
     ok = (jnp.arange(w - 1) >= w - num_valid) & (a > 0)
     rel = jnp.where(ok, (b - a) / jnp.where(ok, a, 1), 0)
-    return jnp.clip(_safe_div(jnp.sum(rel), jnp.sum(ok).astype(_F32)), -1.0, 1.0)
+    return jnp.clip(_common.safe_div(jnp.sum(rel), jnp.sum(ok).astype(_F32)), -1.0, 1.0)
 
 
 def _block_variance(norms: jax.Array, blocks: int) -> jax.Array:
@@ -504,13 +492,38 @@ def vsam(
     extra one lowers the remaining count), so the quota is met whenever the
     caller follows ``sam_due`` from some point of the window on.
 
-    Data parallel: ``axis_name`` averages the ascent gradient exactly as in
-    :func:`sharpax.sam` *and* ``pmean``-s the recorded statistics ``n`` and
-    ``r``, so every device holds the same buffers, rate and key and takes the
-    same decisions (required when ``grad_fn`` contains collectives, or for the
-    two-function path). The returned gradient is built from the ``grads`` you
-    pass and the ``grad_fn`` output: pass averaged gradients and average inside
-    ``grad_fn``.
+    Statistics: ``n`` and ``r`` are computed on every step that may be a SAM
+    step, i.e. every step of the ``lax.cond`` path (``sam_step=None``) and
+    every ``sam_step=True`` step, outside the branches (two norms, plus a
+    ``pmean`` of two scalars under ``axis_name``; this keeps collectives out of
+    the conditional), and are *stored* only on SAM steps. ``sam_step=False``
+    steps skip them.
+
+    The cached PSF is kept in at least float32 (float32 for bfloat16 / float16
+    params, like MESA's EMA; one float32 copy of the params), so the small
+    difference ``g_s − g`` is not rounded to the params' precision.
+
+    Data parallel: pass each device's own gradient and a per-device
+    ``grad_fn`` (no ``pmean`` inside it) and average the output right after
+    the transform with :func:`sharpax.pmean_updates` (see :func:`sharpax.sam`).
+    ``axis_name`` averages the ascent gradient exactly as in
+    :func:`sharpax.sam` *and* ``pmean``-s the statistics ``n`` and ``r``, so
+    every device holds the same buffers, rate and key and takes the same
+    decisions (required when ``grad_fn`` contains collectives, or for the
+    two-function path). Each device caches its own ``psf_i = g_s,i − g_i``.
+    Since both step kinds are linear in ``(g, psf)``, the averaged output,
+    ``mean_i (g_i + w · psf_i) = mean_i g_i + w · mean_i psf_i``, is exactly
+    single-device vSAM on the global batch for the same decisions (with
+    ``axis_name``; without it, the ascent and the PSF are per device,
+    m-sharpness). The statistics, however, are device means of per-device
+    norms (``n = mean_i ‖psf_i‖``, ``r = mean_i ‖psf_i‖ / ‖g_i‖``), not norms
+    of the global-batch PSF, so the rate and the decisions can differ from a
+    single-device run on the global batch. Without ``axis_name`` each device
+    follows its own statistics and the decisions may diverge across devices.
+    For exactly the single-device computation, schedule included, pass
+    ``pmean``-ed gradients and ``pmean`` inside ``grad_fn`` instead (every
+    device then holds the same ``g``, ``g_s`` and ``psf``; same communication
+    cost, no per-device ascent).
 
     Deviations from the authors' code (ajiaaa/vSAM):
 
@@ -520,7 +533,10 @@ def vsam(
       SAM-step counter carries 1 over from warm-up, so their first post
       warm-up window is 49 steps with no SAM step.)
     * Exactly ``max_reuse`` reuse steps, counted with an integer; theirs
-      compares floats (``w > 0.7**6``), which may give one more.
+      compares floats (``w > 0.7**6``), which may give one more. In
+      particular ``reuse_decay=1`` gives ``max_reuse`` reuse steps of weight 1
+      here, and none at all in theirs (``1 > 1**6`` is false); with
+      ``reuse_decay=0`` both add nothing.
     * Zero-safe statistics: ``r = 0`` when ``‖g‖ = 0``; relative changes use
       only valid consecutive pairs with a positive denominator (theirs divide
       by the zero-initialised buffer entries, NaN until buffers fill); no pair
@@ -583,47 +599,49 @@ def vsam(
       (code: https://github.com/ajiaaa/vSAM)
     """
     _common.check_non_negative("rho", rho)
-    _common.check_non_negative("eps", eps)
-    _check_int("window", window, low=2, static=True)
-    _check_int("blocks", blocks, low=1, static=True)
+    _common.check_non_negative("eps", eps, schedule=False)
+    window = _common.check_int("window", window, low=2)
+    blocks = _common.check_int("blocks", blocks, low=1)
     if window % blocks or window // blocks < 2:
         raise ValueError(
             f"window must be a multiple of blocks with at least 2 entries per block (the "
             f"unbiased variance of a block needs 2); got window={window}, blocks={blocks}."
         )
-    _check_number("max_rate", max_rate, low=0.0, high=1.0, low_open=True)
-    if isinstance(max_rate, (int, float)) and int(window * max_rate) < 1:
+    _common.check_number("max_rate", max_rate, low=0.0, high=1.0, low_open=True)
+    concrete_max_rate = isinstance(max_rate, (int, float, np.number))
+    if concrete_max_rate and int(window * float(max_rate)) < 1:
         raise ValueError(
             f"floor(window * max_rate) must be >= 1 (at least one SAM step per window); got "
             f"window={window}, max_rate={max_rate}."
         )
     if not (isinstance(sensitivity, (tuple, list)) and len(sensitivity) == 2):
         raise ValueError(f"sensitivity must be a pair (s1, s2), got {sensitivity!r}.")
-    _check_number("reuse_decay", reuse_decay, low=0.0, high=1.0)
-    _check_int("max_reuse", max_reuse, low=0)
-    _check_int("warmup_steps", warmup_steps, low=0)
-    _check_int("seed", seed, low=0)
     s_r, s_v = sensitivity
-    if isinstance(max_rate, (int, float)):
-        max_count = float(int(window * max_rate))  # the authors' int(K * max_p)
+    _common.check_number("sensitivity[0]", s_r)
+    _common.check_number("sensitivity[1]", s_v)
+    _common.check_number("reuse_decay", reuse_decay, low=0.0, high=1.0)
+    max_reuse = _common.check_int("max_reuse", max_reuse, low=0, static=False)
+    warmup_steps = _common.check_int("warmup_steps", warmup_steps, low=0, static=False)
+    seed = _common.check_int("seed", seed, low=0, static=False)
+    if concrete_max_rate:
+        max_count = float(int(window * float(max_rate)))  # the authors' int(K * max_p)
     else:  # an array, e.g. under optax.inject_hyperparams
         max_count = jnp.maximum(jnp.floor(window * jnp.asarray(max_rate, _F32)), 1.0)
 
     config = (warmup_steps, s_r, s_v, max_count)
 
     def init_fn(params: optax.Params) -> VSAMState:
-        zero = jnp.zeros([], jnp.int32)
-        buf = jnp.zeros([window], _F32)
         key, sched = _initial_schedule(seed, config, window=window)
+        # Every leaf its own buffer (no shared zeros), so a train state can be donated to jit.
         return VSAMState(
-            count=zero,
-            num_sam_steps=zero,
+            count=jnp.zeros([], jnp.int32),
+            num_sam_steps=jnp.zeros([], jnp.int32),
             reuse_weight=jnp.ones([], _F32),
-            reuse_left=zero,
-            psf=optax.tree.zeros_like(params),
-            psf_norms=buf,
-            psf_ratios=buf,
-            psf_vars=buf,
+            reuse_left=jnp.zeros([], jnp.int32),
+            psf=_common.zeros_f32_like(params),
+            psf_norms=jnp.zeros([window], _F32),
+            psf_ratios=jnp.zeros([window], _F32),
+            psf_vars=jnp.zeros([window], _F32),
             key=key,
             **sched,
         )
@@ -653,21 +671,22 @@ def vsam(
 
         def sam_branch(operand):
             g, psf_old, _ = operand
-            g_s = _sam_gradient(g, params, grad_fn, rho_t, eps, axis_name)
-            psf = jax.tree.map(
-                lambda s, gg, old: (s.astype(_F32) - gg.astype(_F32)).astype(old.dtype),
-                g_s,
-                g,
-                psf_old,
-            )
-            return g_s, psf
+            g_s = _common.sam_gradient(g, params, grad_fn, rho_t, eps=eps, axis_name=axis_name)
+
+            def difference(s, gg, old):
+                dtype = _common.at_least_f32(old.dtype)
+                return (s.astype(dtype) - gg.astype(dtype)).astype(old.dtype)
+
+            return g_s, jax.tree.map(difference, g_s, g, psf_old)
 
         def reuse_branch(operand):
             g, psf, w = operand
-            out = jax.tree.map(
-                lambda gg, p: (gg.astype(_F32) + w * p.astype(_F32)).astype(gg.dtype), g, psf
-            )
-            return out, psf
+
+            def add_psf(gg, p):
+                dtype = _common.at_least_f32(p.dtype)
+                return (gg.astype(dtype) + w.astype(dtype) * p.astype(dtype)).astype(gg.dtype)
+
+            return jax.tree.map(add_psf, g, psf), psf
 
         did = _did_sam(sam_step, state)
         new_updates, psf = _branch(
@@ -679,7 +698,7 @@ def vsam(
             # Outside the branches (cheap: two norms), so that under shard_map the branch
             # outputs keep the variance of their inputs and the pmean is not inside a cond.
             n = _masked_norm(psf, mask)
-            r = _safe_div(n, _masked_norm(updates, mask))
+            r = _common.safe_div(n, _masked_norm(updates, mask))
             n, r = _common.maybe_pmean((n, r), axis_name)
 
         # Statistics (only a SAM step records).
@@ -830,7 +849,8 @@ def upcoming_sam_steps(opt_state: Any) -> np.ndarray:
     again. For vSAM it is ``plan[window_pos:]`` (during warm-up, the remaining
     warm-up steps, at most ``window``); it stays exact as long as the caller
     follows it. For LookSAM (which has no plan) it is ``[sam_due]``. Under
-    ``pmap`` replica 0 is read.
+    ``pmap`` replica 0 is read (sliced on device, then one device-to-host
+    transfer).
 
     Args:
       opt_state: an optimizer state containing a :func:`looksam` or
@@ -847,10 +867,15 @@ def upcoming_sam_steps(opt_state: Any) -> np.ndarray:
       >>> print(sharpax.upcoming_sam_steps(opt.init(jnp.zeros(2))))
       [ True  True  True]
     """
-    due = np.asarray(sam_due(opt_state))
-    lead = (0,) * due.ndim
+    due = sam_due(opt_state)
+    # Replica 0 of a pmapped state, sliced on device; then a single transfer.
+    lead = (0,) * np.ndim(due)
+
+    def replica0(x: Any) -> Any:
+        return x[lead] if lead else x
+
     plan = optax.tree_utils.tree_get(opt_state, "plan")
-    if plan is None:
-        return np.asarray(due[lead]).reshape(1)
-    pos = int(np.asarray(_field(opt_state, "window_pos"))[lead])
-    return np.asarray(plan)[lead][pos:]
+    if plan is None:  # LookSAM: no plan, just the next decision
+        return np.asarray(jax.device_get(replica0(due))).reshape(1)
+    pos, plan = jax.device_get((replica0(_field(opt_state, "window_pos")), replica0(plan)))
+    return np.asarray(plan)[int(pos) :]

@@ -53,18 +53,27 @@ def sam(
     direction (e.g. clipping the gradient before ``sam`` clips ``g`` used for
     ``ε``); the returned SAM gradient is always the raw ``grad_fn`` output.
 
-    Data parallel: with ``axis_name=None`` each device ascends along its own
-    gradient (m-sharpness with m = per-device batch, the google-research/sam
-    default). With ``axis_name='batch'`` (under ``pmap``/``shard_map``) the
-    ascent gradient is ``pmean``-ed first so all devices share one ``ε``. In
-    both cases the returned SAM gradient is the device's own, *not* averaged:
-    average it yourself, e.g. inside ``grad_fn``
-    (``lambda p: jax.lax.pmean(jax.grad(loss)(p, b), 'batch')``), exactly as
-    you would average gradients for any optax optimizer. Under ``jax.shard_map``
-    with the default ``check_vma=True``, ``jax.grad`` of a per-device loss with
-    respect to replicated params is already summed over the mesh; use
-    ``check_vma=False`` (pmap semantics) or make the params device-varying with
-    ``jax.lax.pcast(params, axis, to='varying')`` to get per-device gradients.
+    Data parallel (``pmap`` / ``shard_map``): pass each device's own gradient
+    and a per-device ``grad_fn``. With ``axis_name=None`` each device ascends
+    along its own gradient (m-sharpness with m = per-device batch, the
+    google-research/sam default). With ``axis_name='batch'`` the ascent gradient
+    is ``pmean``-ed first so all devices share one ``ε`` (with the output
+    averaged, single-device SAM on the global batch). In both cases the returned
+    SAM gradient is the device's own, *not* averaged: average it yourself, as you
+    would average gradients for any optax optimizer, right after this transform
+    with :func:`pmean_updates` (the recipe shared with :func:`sharpax.looksam`
+    and :func:`sharpax.vsam`)::
+
+      optax.chain(sharpax.sam(0.05, axis_name='batch'),
+                  sharpax.pmean_updates('batch'), optax.sgd(0.1))
+
+    For ``sam`` alone, averaging inside ``grad_fn``
+    (``lambda p: jax.lax.pmean(jax.grad(loss)(p, b), 'batch')``) is the same.
+    Under ``jax.shard_map`` with the default ``check_vma=True``, ``jax.grad`` of
+    a per-device loss with respect to replicated params is already summed over
+    the mesh; use ``check_vma=False`` (pmap semantics) or make the params
+    device-varying with ``jax.lax.pcast(params, axis, to='varying')`` to get
+    per-device gradients.
 
     Gradient accumulation: use ``optax.chain(sharpax.sam(rho),
     optax.MultiSteps(opt, k).gradient_transformation())`` with ``grad_fn``
@@ -80,7 +89,8 @@ def sam(
         ``optax.inject_hyperparams``.
       adaptive: if True, ASAM's scale-invariant neighbourhood.
       eta: ASAM's offset in ``T = |w| + eta``.
-      eps: added to the norm so a zero gradient gives ``ε = 0`` (no NaN).
+      eps: non-negative, added to the norm so a zero gradient gives ``ε = 0``
+        (no NaN).
       axis_name: mapped axis over which to average the ascent gradient, or
         None for per-device ascent.
 
@@ -111,12 +121,13 @@ def sam(
       <https://arxiv.org/abs/2102.11600>`_, 2021
     """
     _common.check_non_negative("rho", rho)
-    _common.check_non_negative("eta", eta)
+    _common.check_non_negative("eta", eta, schedule=False)
+    _common.check_non_negative("eps", eps, schedule=False)
 
     def init_fn(params: optax.Params) -> SAMState:
         del params
-        zero = jnp.zeros([], jnp.int32)
-        return SAMState(count=zero, num_sam_steps=zero)
+        # Two distinct buffers, so a train state can be donated to jit.
+        return SAMState(count=jnp.zeros([], jnp.int32), num_sam_steps=jnp.zeros([], jnp.int32))
 
     def update_fn(
         updates: optax.Updates,
@@ -129,20 +140,65 @@ def sam(
         del extra_args
         _common.require_grad_fn(grad_fn, "sam")
         _common.require_params(params, "sam")
-        ascent = _common.maybe_pmean(updates, axis_name)
-        eps_tree = _common.perturbation(
-            ascent,
+        sam_grads = _common.sam_gradient(
+            updates,
             params,
+            grad_fn,
             _common.value_at(rho, state.count),
             adaptive=adaptive,
             eta=eta,
             eps=eps,
+            axis_name=axis_name,
         )
-        sam_grads = grad_fn(_common.add(params, eps_tree))
-        sam_grads = jax.tree.map(lambda s, g: s.astype(g.dtype), sam_grads, updates)
         return sam_grads, SAMState(
             count=optax.safe_increment(state.count),
             num_sam_steps=optax.safe_increment(state.num_sam_steps),
         )
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def pmean_updates(axis_name: str) -> optax.GradientTransformation:
+    r"""Averages the updates over a mapped axis: ``jax.lax.pmean(updates, axis_name)``.
+
+    The data-parallel companion of :func:`sam`, :func:`sharpax.looksam` and
+    :func:`sharpax.vsam`, which return each device's own gradient: put it right
+    after them, before anything that is not linear in the gradient (momentum
+    and Adam statistics, clipping), so every device applies the same update::
+
+      optax.chain(sharpax.looksam(0.05, k=5, axis_name='batch'),
+                  sharpax.pmean_updates('batch'),
+                  optax.sgd(0.1, momentum=0.9))
+
+    Use it inside ``jax.pmap`` / ``jax.shard_map`` over ``axis_name``. It has
+    no state.
+
+    Args:
+      axis_name: the mapped axis to average over.
+
+    Returns:
+      An ``optax.GradientTransformation`` with an empty state.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> from sharpax.sam import pmean_updates
+      >>> tx = pmean_updates('i')
+      >>> out = jax.pmap(lambda u: tx.update(u, tx.init(u))[0], axis_name='i')(
+      ...     jnp.arange(jax.local_device_count(), dtype=jnp.float32)[:, None])
+      >>> bool((out == out[0]).all())
+      True
+    """
+    if not isinstance(axis_name, str) or not axis_name:
+        raise TypeError(f"axis_name must be the name of a mapped axis, got {axis_name!r}.")
+
+    def init_fn(params: optax.Params) -> optax.EmptyState:
+        del params
+        return optax.EmptyState()
+
+    def update_fn(
+        updates: optax.Updates, state: optax.EmptyState, params: optax.Params | None = None
+    ) -> tuple[optax.Updates, optax.EmptyState]:
+        del params
+        return jax.lax.pmean(updates, axis_name), state
+
+    return optax.GradientTransformation(init_fn, update_fn)

@@ -21,6 +21,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from sharpax import _common
 
@@ -52,16 +53,33 @@ def _check_params(params: Any, owner: str) -> Any:
 
 
 def _check_key(key: Any, owner: str) -> None:
+    """Accepts a typed key (``jax.random.key``) or a raw uint32[2] key (``PRNGKey``)."""
+    hint = "e.g. `key=jax.random.key(0)` (or a raw `jax.random.PRNGKey(0)`)"
     if key is None:
-        raise TypeError(
-            f"sharpax.{owner} needs a PRNG key, e.g. `key=jax.random.key(0)`; got key=None."
-        )
-
-
-def _vdot(a: Any, b: Any) -> jax.Array:
-    """Pytree inner product in float32."""
-    prods = jax.tree.map(lambda x, y: jnp.vdot(x.astype(jnp.float32), y.astype(jnp.float32)), a, b)
-    return sum(jax.tree.leaves(prods), jnp.zeros([], jnp.float32))
+        raise TypeError(f"sharpax.{owner} needs a PRNG key, {hint}; got key=None.")
+    dtype = getattr(key, "dtype", None)
+    shape = getattr(key, "shape", None)
+    if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+        if shape != ():
+            raise TypeError(
+                f"sharpax.{owner} needs a single PRNG key, got a key array of shape {shape}."
+            )
+        return
+    if (
+        isinstance(key, (jax.Array, np.ndarray))
+        and np.dtype(dtype) == np.uint32
+        and tuple(shape) == (2,)
+    ):
+        return
+    described = (
+        f"an array of dtype {dtype} and shape {tuple(shape)}"
+        if dtype is not None and shape is not None
+        else f"{key!r} of type {type(key).__name__}"
+    )
+    raise TypeError(
+        f"sharpax.{owner} needs a PRNG key, {hint}; got {described}. An int seed is not a "
+        "key: wrap it with jax.random.key(seed)."
+    )
 
 
 def _loss32(loss_fn: LossFn, params: Any) -> jax.Array:
@@ -112,8 +130,8 @@ def sam_sharpness(
     """
     _check_loss_fn(loss_fn, "sam_sharpness")
     params = _check_params(params, "sam_sharpness")
-    _common.check_non_negative("rho", rho)
-    _common.check_non_negative("eps", eps)
+    _common.check_non_negative("rho", rho, schedule=False)
+    _common.check_non_negative("eps", eps, schedule=False)
     loss, grads = jax.value_and_grad(loss_fn)(params)
     eps_tree = _common.perturbation(grads, params, rho, eps=eps)
     perturbed = _loss32(loss_fn, _common.add(params, eps_tree))
@@ -183,10 +201,10 @@ def hessian_top_eigenvalue(
     _check_loss_fn(loss_fn, "hessian_top_eigenvalue")
     params = _check_params(params, "hessian_top_eigenvalue")
     leaves = jax.tree.leaves(params)
-    _common.check_positive_int("num_iters", num_iters)
+    num_iters = _common.check_positive_int("num_iters", num_iters)
     _check_key(key, "hessian_top_eigenvalue")
     if tol is not None:
-        _common.check_non_negative("tol", tol)
+        _common.check_non_negative("tol", tol, schedule=False)
 
     treedef = jax.tree.structure(params)
     grad_fn = jax.grad(loss_fn)
@@ -211,10 +229,10 @@ def hessian_top_eigenvalue(
     def step(carry):
         i, v, _, lam, _ = carry
         hv = hvp(v)
-        new_lam = _vdot(v, hv)
+        new_lam = _common.vdot32(v, hv)
         hv_norm = _common.global_norm(hv)
         # Zero Hv (zero curvature along v): keep v rather than dividing by 0.
-        scale = jnp.where(hv_norm > 0, 1.0 / jnp.where(hv_norm > 0, hv_norm, 1.0), 0.0)
+        scale = _common.safe_div(1.0, hv_norm)
         next_v = jax.tree.map(lambda x, y: jnp.where(hv_norm > 0, scale * x, y), hv, v)
         return i + 1, next_v, v, new_lam, lam
 
@@ -237,7 +255,7 @@ def hessian_top_eigenvalue(
 
 def _normalize(tree: Any) -> Any:
     norm = _common.global_norm(tree)
-    inv = jnp.where(norm > 0, 1.0 / jnp.where(norm > 0, norm, 1.0), 0.0)
+    inv = _common.safe_div(1.0, norm)
     return jax.tree.map(lambda x: inv * x, tree)
 
 
@@ -251,7 +269,7 @@ def _direction(params: Any, key: jax.Array, relative: bool) -> Any:
         if relative:
             w_norm = jnp.linalg.norm(jnp.ravel(w).astype(jnp.float32))
             d_norm = jnp.linalg.norm(jnp.ravel(d))
-            d = d * jnp.where(d_norm > 0, w_norm / jnp.where(d_norm > 0, d_norm, 1.0), 0.0)
+            d = d * _common.safe_div(w_norm, d_norm)
         out.append(d)
     return jax.tree.unflatten(treedef, out)
 
@@ -330,7 +348,7 @@ def loss_landscape(
     """
     _check_loss_fn(loss_fn, "loss_landscape")
     params = _check_params(params, "loss_landscape")
-    _common.check_positive_int("num_directions", num_directions)
+    num_directions = _common.check_positive_int("num_directions", num_directions)
     _check_key(key, "loss_landscape")
     scales = jnp.asarray(scales, jnp.float32)
     if scales.ndim != 1 or scales.shape[0] == 0:

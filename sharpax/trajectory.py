@@ -26,24 +26,12 @@ from sharpax import _common
 
 
 def _check_positive_float(name: str, value: Any) -> None:
-    if isinstance(value, bool):
-        raise TypeError(f"{name} must be a number, got {value!r}.")
-    if isinstance(value, (int, float)) and not value > 0:
-        raise ValueError(f"{name} must be > 0, got {value}.")
-
-
-def _check_non_negative_int(name: str, value: Any) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise ValueError(f"{name} must be a non-negative int, got {value!r}.")
-
-
-def _is_tracer(x: Any) -> bool:
-    return isinstance(x, jax.core.Tracer)
+    _common.check_number(name, value, low=0.0, low_open=True)
 
 
 def _as_epoch(epoch: Any, owner: str) -> jax.Array:
     """Epoch as an int32 scalar; Python ints are checked to be >= 0."""
-    if isinstance(epoch, bool):
+    if isinstance(epoch, (bool, np.bool_)):
         raise TypeError(f"sharpax.{owner}: epoch must be an int, got {epoch!r}.")
     if isinstance(epoch, (int, np.integer)):
         if epoch < 0:
@@ -206,7 +194,7 @@ def check_example_ids(example_ids: Any, num_examples: int, *, where: Any = None)
       ...     print(str(e)[:52])
       example ids must be integers in [0, num_examples=10)
     """
-    _common.check_positive_int("num_examples", num_examples)
+    num_examples = _common.check_positive_int("num_examples", num_examples)
     ids = np.asarray(example_ids)
     if ids.dtype.kind not in "iu":
         raise TypeError(f"example ids must be integers, got dtype {ids.dtype}.")
@@ -304,12 +292,16 @@ def saf(
     Example ids: ids outside ``[0, num_examples)`` are an error, never clamped or
     dropped silently. (1) ``check_ids`` / :func:`check_example_ids` raise a
     ``ValueError`` naming them on the host; run it on every batch before the step
-    (cost O(batch)). ``update`` runs it itself when called outside ``jit``.
-    (2) Inside ``update`` a ``checkify.debug_check`` reports them when the step is
-    wrapped in ``jax.experimental.checkify.checkify``. (3) Without either, a batch
-    with a bad id writes nothing for that id and returns ``term = NaN`` (on all
-    devices), so the loss shows it; the buffer is never corrupted. The scatter
-    uses ``mode='drop'`` only for ids already found invalid or masked.
+    (cost O(batch)). ``update`` (and so :func:`with_saf`) runs it itself whenever
+    the ids (and ``where``) are concrete, e.g. outside ``jit``. (2) Inside
+    ``update`` a ``checkify.debug_check`` reports them when the step is wrapped in
+    ``jax.experimental.checkify.checkify``. (3) Without either (an unchecked
+    jitted step), a batch with any bad id (under ``axis_name``: on any device) is
+    all-or-nothing: *nothing* of the batch is written (the buffer is unchanged,
+    valid ids included), and both the returned ``term`` and its gradient with
+    respect to every (unmasked) logit are NaN, on all devices and whatever the
+    epoch, so the loss and the update show it. Masked (``where=False``) rows are
+    never checked, read or written.
 
     Memory: ``nbytes = N·(lag+1)·C·itemsize(dtype) + N·(lag+1)·4`` (the int32
     stamps). ``dtype=jnp.bfloat16`` halves the logits part; the KL is computed
@@ -363,12 +355,12 @@ def saf(
       Du et al., `Sharpness-Aware Training for Free
       <https://arxiv.org/abs/2205.14083>`_, NeurIPS 2022
     """
-    _common.check_positive_int("num_examples", num_examples)
-    _common.check_positive_int("num_classes", num_classes)
-    _common.check_positive_int("lag", lag)
-    _check_non_negative_int("start_epoch", start_epoch)
+    num_examples = _common.check_positive_int("num_examples", num_examples)
+    num_classes = _common.check_positive_int("num_classes", num_classes)
+    lag = _common.check_positive_int("lag", lag)
+    start_epoch = _common.check_int("start_epoch", start_epoch, low=0)
     _check_positive_float("temperature", temperature)
-    _common.check_non_negative("weight", weight)
+    _common.check_non_negative("weight", weight, schedule=False)
     dtype = jnp.dtype(dtype)
     if not jnp.issubdtype(dtype, jnp.floating):
         raise ValueError(f"sharpax.saf: dtype must be a floating dtype, got {dtype}.")
@@ -420,7 +412,7 @@ def saf(
                 "sharpax.saf: example_ids must be integers, got dtype "
                 f"{jnp.result_type(example_ids)}."
             )
-        if not _is_tracer(example_ids) and (where is None or not _is_tracer(where)):
+        if not _common.is_tracer(example_ids) and (where is None or not _common.is_tracer(where)):
             check_ids_fn(np.asarray(example_ids), None if where is None else np.asarray(where))
         epoch = _as_epoch(epoch, "saf")
         mask = _as_where(where, b, "saf")
@@ -486,12 +478,19 @@ def saf(
             share = weight * n_dev * local_num / denom
             term = share + jax.lax.stop_gradient(weight * global_num / denom - share)
         term = jnp.where(epoch >= start_epoch, term, 0.0)
-        term = jnp.where(any_bad, jnp.nan, term)
+        # A bad id anywhere in the (global) batch poisons the value *and* the gradient
+        # of every used logit, whatever the epoch: NaN · sum = NaN with d/dz = NaN.
+        # Otherwise the added 0 · sum is exactly 0 (value and gradient).
+        poison = jnp.where(any_bad, jnp.nan, 0.0).astype(jnp.float32)
+        used = jnp.where(mask[:, None], jnp.asarray(logits).astype(jnp.float32), 0.0)
+        term = term + poison * jnp.sum(used)
 
-        # ---- write this epoch's logits (slot epoch mod (lag+1)), last occurrence wins.
+        # ---- write this epoch's logits (slot epoch mod (lag+1)), last occurrence wins;
+        # all or nothing: a bad id anywhere in the batch writes nothing at all.
         ok = w_mask & w_in_range
         keys = jnp.where(ok, w_ids, n)
-        idx = jnp.where(ok & _last_occurrence(keys), w_ids, n)  # n: out of range, dropped
+        write = ok & _last_occurrence(keys) & ~any_bad
+        idx = jnp.where(write, w_ids, n)  # n: out of range, dropped
         write_slot = jnp.mod(epoch, slots)
         new_state = SAFState(
             logits=state.logits.at[idx, write_slot].set(w_logits, mode="drop"),
@@ -532,7 +531,7 @@ class MESA(NamedTuple):
       update: ``update(state, variables) -> MESAState``, after each optimizer step.
       loss: ``loss(logits, ema_logits, epoch, *, where=None) -> term``.
       start_epoch: the ``start_epoch`` given to :func:`mesa` (:func:`with_mesa`
-        skips the teacher's forward pass before it).
+        skips the teacher's forward pass for a Python int epoch before it).
     """
 
     init: Callable[[Any], MESAState]
@@ -600,19 +599,19 @@ def mesa(
       Du et al., `Sharpness-Aware Training for Free
       <https://arxiv.org/abs/2205.14083>`_, NeurIPS 2022
     """
-    if isinstance(decay, (int, float)) and not isinstance(decay, bool):
-        if not 0.0 <= decay <= 1.0:
-            raise ValueError(f"sharpax.mesa: decay must be in [0, 1], got {decay}.")
-    _check_non_negative_int("start_epoch", start_epoch)
+    _common.check_number("decay", decay, low=0.0, high=1.0, schedule=True)
+    start_epoch = _common.check_int("start_epoch", start_epoch, low=0)
     _check_positive_float("temperature", temperature)
-    _common.check_non_negative("weight", weight)
+    _common.check_non_negative("weight", weight, schedule=False)
 
     def init_fn(variables: Any) -> MESAState:
         def copy(v: Any) -> jax.Array:
-            v = jnp.asarray(v)
-            if jnp.issubdtype(v.dtype, jnp.inexact):
-                return v.astype(_ema_dtype(v.dtype))
-            return jnp.array(v, copy=True)
+            # Always a new buffer (astype to the same dtype would return the caller's
+            # own array): the EMA must not alias the variables (donation, in-place reuse).
+            dtype = jnp.result_type(v)
+            if jnp.issubdtype(dtype, jnp.inexact):
+                dtype = _ema_dtype(dtype)
+            return jnp.array(v, dtype=dtype, copy=True)
 
         return MESAState(ema=jax.tree.map(copy, variables), count=jnp.zeros([], jnp.int32))
 
@@ -625,11 +624,10 @@ def mesa(
         d = jnp.asarray(_common.value_at(decay, state.count), jnp.float32)
 
         def step(e: jax.Array, v: Any) -> jax.Array:
-            v = jnp.asarray(v)
             if jnp.issubdtype(e.dtype, jnp.inexact):
                 d_e = d.astype(e.dtype)
-                return d_e * e + (1 - d_e) * v.astype(e.dtype)
-            return v.astype(e.dtype)
+                return d_e * e + (1 - d_e) * jnp.asarray(v).astype(e.dtype)
+            return jnp.array(v, dtype=e.dtype, copy=True)  # a copy, never the caller's array
 
         return MESAState(
             ema=jax.tree.map(step, state.ema, variables),
@@ -701,7 +699,10 @@ def with_saf(
     ``jax.value_and_grad(f, has_aux=True)``. The logits are read from the aux
     with ``logits_fn`` (default ``aux["logits"]``) and the example ids from the
     batch with ``ids_fn`` (default ``batch["example_id"]``); ``where_fn(batch)``
-    optionally gives the padding mask.
+    optionally gives the padding mask. When the ids (and mask) are concrete, not
+    traced, they are checked on the host first (:func:`check_example_ids`:
+    ``ValueError`` naming a bad id); traced ids follow :func:`saf`'s in-jit rules
+    (checkify, or NaN term and gradient with nothing written).
 
     With :func:`sharpax.sam`: keep the state returned by the clean pass (the
     ``value_and_grad`` above) and discard anything a perturbed pass returns, so
@@ -739,9 +740,13 @@ def with_saf(
     def wrapped(
         params: Any, state: SAFState, batch: Any, epoch: int | jax.Array
     ) -> tuple[jax.Array, TrajectoryAux]:
-        loss, aux = loss_fn(params, batch)
+        ids = ids_fn(batch)
         where = None if where_fn is None else where_fn(batch)
-        term, new_state = traj.update(state, logits_fn(aux), ids_fn(batch), epoch, where=where)
+        if not _common.is_tracer(ids) and (where is None or not _common.is_tracer(where)):
+            # Concrete ids (e.g. a NumPy batch closed over, or no jit): check on the host.
+            traj.check_ids(np.asarray(ids), None if where is None else np.asarray(where))
+        loss, aux = loss_fn(params, batch)
+        term, new_state = traj.update(state, logits_fn(aux), ids, epoch, where=where)
         return loss + term, TrajectoryAux(aux=aux, state=new_state, term=term)
 
     return wrapped
@@ -762,8 +767,12 @@ def with_mesa(
     ``teacher_fn(mesa_state.ema, batch)`` under ``stop_gradient``; evaluate the
     model in eval mode there (e.g. Flax ``model.apply(ema, x, train=False)``).
     The state comes back unchanged: call ``mesa.update(state, new_variables)``
-    after the optimizer step. Before ``start_epoch`` the teacher's forward pass
-    is skipped (``lax.cond`` on a traced epoch), since the term is 0 there.
+    after the optimizer step. With a Python int ``epoch`` below ``start_epoch``
+    (a static argument of the jitted step) the teacher's forward pass is skipped,
+    since the term is 0 there. With a traced ``epoch`` the teacher always runs and
+    the term is gated by ``epoch >= start_epoch`` (no ``lax.cond``: a forward pass
+    inside a conditional is much slower on XLA:CPU); pass the epoch as a static
+    Python int, or switch step functions at ``start_epoch``, to save the pass.
 
     Args:
       loss_fn: the task loss, ``(params, batch) -> (loss, aux)``.
@@ -805,18 +814,14 @@ def with_mesa(
         loss, aux = loss_fn(params, batch)
         logits = logits_fn(aux)
 
-        def run_teacher() -> jax.Array:
-            return jax.lax.stop_gradient(teacher_fn(state.ema, batch))
-
-        if isinstance(epoch, (int, np.integer)) and not isinstance(epoch, bool):
-            ema_logits = run_teacher() if epoch >= start_epoch else jnp.zeros_like(logits)
+        _as_epoch(epoch, "with_mesa")  # validates
+        if isinstance(epoch, (int, np.integer)) and epoch < start_epoch:
+            # A Python epoch before start_epoch: the term is 0, skip the teacher.
+            ema_logits = jnp.zeros_like(logits)
         else:
-            shape = jax.eval_shape(run_teacher)
-            ema_logits = jax.lax.cond(
-                _as_epoch(epoch, "with_mesa") >= start_epoch,
-                run_teacher,
-                lambda: jnp.zeros(shape.shape, shape.dtype),
-            )
+            # A traced epoch always runs the teacher (the term gates it): a forward pass
+            # inside lax.cond would run much slower on XLA:CPU.
+            ema_logits = jax.lax.stop_gradient(teacher_fn(state.ema, batch))
         where = None if where_fn is None else where_fn(batch)
         term = teacher.loss(logits, ema_logits, epoch, where=where)
         return loss + term, TrajectoryAux(aux=aux, state=state, term=term)

@@ -4,6 +4,7 @@ import functools
 from typing import Any, NamedTuple
 
 import jax
+import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -13,6 +14,7 @@ from jax.sharding import PartitionSpec as P
 
 from sharpax import reuse
 from sharpax.reuse import looksam, vsam
+from sharpax.sam import pmean_updates
 
 # ----------------------------------------------------------------------------- tiny problems
 
@@ -40,11 +42,14 @@ def mlp_data(steps, batch=8, seed=1, lead=()):
     return x[:steps], y[:steps]
 
 
-CALLS = {"run": 0}  # executions of grad_fn inside compiled steps (via jax.debug.callback)
+# Executions of grad_fn inside compiled steps (via jax.debug.callback): how many, and the
+# step index (the transform's count before the step) of each.
+CALLS = {"run": 0, "steps": []}
 
 
-def _count_run():
+def _count_run(count):
     CALLS["run"] += 1
+    CALLS["steps"].append(int(count))
 
 
 def make_step(opt, sam_step=None, with_grad_fn=True):
@@ -52,7 +57,7 @@ def make_step(opt, sam_step=None, with_grad_fn=True):
 
     def step(params, state, x, y):
         def grad_fn(p):
-            jax.debug.callback(_count_run)
+            jax.debug.callback(_count_run, state[0].count)
             return jax.grad(mlp_loss)(p, x, y)
 
         grads = jax.grad(mlp_loss)(params, x, y)
@@ -239,6 +244,39 @@ def test_looksam_override_counts_what_happened():
     np.testing.assert_allclose(np.asarray(out), 2 * (np.ones(2) + ref_eps), rtol=1e-6)
 
 
+def test_caches_are_float32_for_bfloat16_params():
+    """g_v (LookSAM) and psf (vSAM) keep float32 precision for bf16 params.
+
+    g = (1, 1), g_s = (3, 2**-8), all exact in bf16: g_v = g_s - (g_s·g / g·g) g =
+    (1.498046875, -1.498046875) and psf = g_s - g = (2, 2**-8 - 1) need more than bf16's
+    8 significant bits.
+    """
+    params = jnp.zeros(2, jnp.bfloat16)
+    g = jnp.array([1.0, 1.0], jnp.bfloat16)
+    g_s = jnp.array([3.0, 2.0**-8], jnp.bfloat16)
+    grad_fn = lambda p: g_s
+    lk = looksam(0.05, k=2)
+    state = lk.init(params)
+    assert state.g_v.dtype == jnp.float32
+    out, state = lk.update(g, state, params, grad_fn=grad_fn)
+    assert out.dtype == jnp.bfloat16 and state.g_v.dtype == jnp.float32
+    g64, gs64 = np.array([1.0, 1.0]), np.array([3.0, 2.0**-8])
+    g_v = gs64 - gs64 @ g64 / (g64 @ g64) * g64
+    np.testing.assert_array_equal(np.asarray(state.g_v), g_v)  # exact in float32
+    assert not np.array_equal(np.asarray(jnp.asarray(g_v, jnp.bfloat16), np.float64), g_v)
+    # The reuse step: g + alpha ‖g‖/‖g_v‖ g_v, computed in float32, returned in bf16.
+    out, state = lk.update(g, state, params, sam_step=False)
+    ref = g64 + 0.7 * np.linalg.norm(g64) / np.linalg.norm(g_v) * g_v
+    np.testing.assert_allclose(np.asarray(out, np.float64), ref, rtol=2**-8)
+
+    vs = vsam(0.05, window=4, blocks=2)
+    state = vs.init(params)
+    assert state.psf.dtype == jnp.float32
+    _, state = vs.update(g, state, params, grad_fn=grad_fn, sam_step=True)
+    np.testing.assert_array_equal(np.asarray(state.psf), gs64 - g64)
+    np.testing.assert_allclose(float(state.psf_norms[-1]), np.linalg.norm(gs64 - g64), rtol=1e-6)
+
+
 # ----------------------------------------------------------------------------- vSAM mechanics
 
 
@@ -265,7 +303,9 @@ def small_vsam_init(warmup=0):
     return vsam(window=6, blocks=3, seed=3, warmup_steps=warmup).init(jnp.zeros(3))
 
 
-@pytest.mark.parametrize("decay,max_reuse", [(0.7, 6), (0.5, 2)])
+# reuse_decay=1: max_reuse steps of weight 1 (the integer count; the authors' float test
+# `w > decay**max_reuse` would never reuse), a documented deviation.
+@pytest.mark.parametrize("decay,max_reuse", [(0.7, 6), (0.5, 2), (1.0, 2), (0.0, 1)])
 def test_vsam_reuse_weight_sequence(decay, max_reuse):
     g, u = jnp.array([1.0, 0.0, 0.0]), jnp.array([0.0, 2.0, -1.0])
     update = functools.partial(small_vsam_update, decay=decay, max_reuse=max_reuse, warmup=0)
@@ -324,14 +364,16 @@ def test_window_plan_equals_sequential_rule():
 def test_vsam_quota_met_in_every_window(vsam_setup):
     window, warmup, windows = VSAM_WINDOW, VSAM_WARMUP, 12
     steps = warmup + windows * window
-    CALLS["run"] = 0
+    CALLS["run"], CALLS["steps"] = 0, []
     traj = run_cond(vsam_setup, steps, seed=1)
     jax.effects_barrier()
     states = [inner(s) for _, s in traj]
-    n = np.array([int(s.num_sam_steps) for s in states])
-    assert CALLS["run"] == n[-1]  # grad_fn ran on SAM steps only
-    did = np.diff(n).astype(bool)
-    assert did[:warmup].all()
+    # Independent of the state: the steps on which grad_fn actually ran.
+    ran = np.zeros(steps, bool)
+    ran[CALLS["steps"]] = True
+    assert len(CALLS["steps"]) == len(set(CALLS["steps"]))  # at most once per step
+    assert ran[:warmup].all()
+    assert int(states[-1].num_sam_steps) == ran.sum()
     quotas = []
     for j in range(windows):
         first = warmup + j * window
@@ -341,9 +383,10 @@ def test_vsam_quota_met_in_every_window(vsam_setup):
         assert q == int(np.floor(float(s.base_rate)))
         assert 1 <= q <= int(window * 0.8)
         np.testing.assert_allclose(float(s.sam_rate), q / window, rtol=1e-6)
-        assert did[first : first + window].sum() == q, (j, q, did[first : first + window])
-        # the plan made at the window start is what happened
-        np.testing.assert_array_equal(np.asarray(s.plan), did[first : first + window])
+        # grad_fn ran exactly `quota` times in the window ...
+        assert ran[first : first + window].sum() == q, (j, q, ran[first : first + window])
+        # ... on the steps the plan made at the window start said.
+        np.testing.assert_array_equal(np.asarray(s.plan), ran[first : first + window])
         quotas.append(q)
     assert max(quotas) > 1  # the rate moved: this checked more than the minimum quota
 
@@ -480,7 +523,7 @@ def test_vsam_sam_step_override_is_honoured_and_quota_kept():
 @pytest.mark.parametrize("name", ["looksam_setup", "vsam_setup"])
 def test_grad_fn_not_executed_on_reuse_steps(name, request):
     setup = request.getfixturevalue(name)
-    CALLS["run"] = 0
+    CALLS["run"], CALLS["steps"] = 0, []
     traj = run_cond(setup, 14)
     jax.effects_barrier()
     n_sam = int(reuse.num_sam_steps(traj[-1][1]))
@@ -639,6 +682,122 @@ def test_vsam_decisions_across_devices(mapper, axis_name):
         assert np.ptp(rates[-1]) > 0 and not replicas_agree(state)
 
 
+# The documented data-parallel recipe: per-device grads and grad_fn (no pmean inside),
+# axis_name for the ascent (and vSAM's statistics), the output averaged by pmean_updates.
+
+
+def recipe_run(transform, steps, lr=0.1):
+    """pmap over 8 devices; returns per-step (replica-0 params, sharpax state) and the data."""
+    opt = optax.chain(transform, pmean_updates("batch"), optax.sgd(lr))
+    xs, ys = mlp_data(steps, batch=4, seed=7, lead=(N_DEV,))
+    xs = xs * (1.0 + 0.5 * np.arange(N_DEV, dtype=np.float32))[None, :, None, None]
+
+    def step(params, state, x, y):
+        grads = jax.grad(mlp_loss)(params, x, y)  # this device's own gradient
+        grad_fn = lambda p: jax.grad(mlp_loss)(p, x, y)  # per device, no pmean
+        updates, state = opt.update(grads, state, params, grad_fn=grad_fn)
+        return optax.apply_updates(params, updates), state
+
+    rep = lambda tree: jax.tree.map(lambda a: jnp.stack([a] * N_DEV), tree)
+    params, state = rep(mlp_init()), rep(opt.init(mlp_init()))
+    fn = jax.pmap(step, axis_name="batch")
+    out = [(mlp_init(), jax.tree.map(lambda a: a[0], state[0]))]
+    for t in range(steps):
+        params, state = fn(params, state, xs[t], ys[t])
+        for leaf in jax.tree.leaves(params):  # the averaged update keeps replicas equal
+            np.testing.assert_array_equal(np.asarray(leaf), np.asarray(leaf)[:1].repeat(N_DEV, 0))
+        out.append((jax.tree.map(lambda a: a[0], params), jax.tree.map(lambda a: a[0], state[0])))
+    return out, state[0], xs, ys
+
+
+def per_device_grads(unravel):
+    """``grads(w, xs, ys)``: per-device gradients at the flat params ``w`` (float64 NumPy)."""
+
+    @jax.jit
+    def grads(w, xs, ys):
+        return jax.vmap(
+            lambda x, y: jax.flatten_util.ravel_pytree(jax.grad(mlp_loss)(unravel(w), x, y))[0]
+        )(xs, ys)
+
+    return lambda w, xs, ys: np.asarray(grads(jnp.asarray(w, jnp.float32), xs, ys), np.float64)
+
+
+def test_looksam_data_parallel_recipe_is_per_device_looksam():
+    rho, k, alpha, lr, steps = 0.1, 2, 0.7, 0.1, 5
+    out, _, xs, ys = recipe_run(looksam(rho, k=k, alpha=alpha, axis_name="batch"), steps, lr)
+    w0, unravel = jax.flatten_util.ravel_pytree(mlp_init())
+    grads = per_device_grads(unravel)
+    w = np.asarray(w0, np.float64)
+    w_full = w.copy()  # single-device LookSAM on the global batch, for contrast
+    g_v = g_v_full = None
+    unit = lambda v: v / np.linalg.norm(v)
+    for t in range(steps):
+        g = grads(w, xs[t], ys[t])
+        gbar = g.mean(0)
+        gf = grads(w_full, xs[t], ys[t]).mean(0)
+        if t % k == 0:  # SAM step: shared ascent along the mean gradient
+            g_s = grads(w + rho * unit(gbar), xs[t], ys[t])
+            g_v = g_s - np.sum(g_s * g, 1, keepdims=True) / np.sum(g * g, 1, keepdims=True) * g
+            update = g_s.mean(0)
+            gs_full = grads(w_full + rho * unit(gf), xs[t], ys[t]).mean(0)
+            g_v_full = gs_full - gs_full @ gf / (gf @ gf) * gf
+            update_full = gs_full
+        else:  # reuse step: each device's own g and g_v, then the mean
+            scale = alpha * np.linalg.norm(g, axis=1) / np.linalg.norm(g_v, axis=1)
+            update = (g + scale[:, None] * g_v).mean(0)
+            update_full = gf + alpha * np.linalg.norm(gf) / np.linalg.norm(g_v_full) * g_v_full
+        w = w - lr * update
+        w_full = w_full - lr * update_full
+        got = np.asarray(jax.flatten_util.ravel_pytree(out[t + 1][0])[0], np.float64)
+        np.testing.assert_allclose(got, w, rtol=1e-5, atol=1e-6, err_msg=str(t))
+    assert int(out[-1][1].num_sam_steps) == 3
+    # Documented: the reuse steps are per-device LookSAM, not global-batch LookSAM.
+    assert np.max(np.abs(w - w_full)) > 1e-2
+
+
+def test_vsam_data_parallel_recipe_equals_global_batch_vsam():
+    rho, lr, steps, decay, max_reuse = 0.1, 0.1, 12, 0.7, 6
+    transform = vsam(
+        rho, window=4, blocks=2, warmup_steps=2, sensitivity=(4.0, 4.0), axis_name="batch"
+    )
+    out, final_state, xs, ys = recipe_run(transform, steps, lr)
+    did = np.diff([int(s.num_sam_steps) for _, s in out]).astype(bool)
+    assert 0 < did.sum() < steps and not did[2:].all()
+    w0, unravel = jax.flatten_util.ravel_pytree(mlp_init())
+    grads = per_device_grads(unravel)
+    w = np.asarray(w0, np.float64)
+    psf, weight, left = None, 1.0, 0
+    for t in range(steps):
+        g = grads(w, xs[t], ys[t])
+        gbar = g.mean(0)
+        if did[t]:  # global-batch SAM step: psf of the global batch = mean of per-device psf
+            eps = rho * gbar / np.linalg.norm(gbar)
+            g_s = grads(w + eps, xs[t], ys[t])
+            psf_dev = g_s - g
+            psf, weight, left = psf_dev.mean(0), 1.0, max_reuse
+            update = g_s.mean(0)
+            # Statistics: device means of per-device norms, the same on every device.
+            state = out[t + 1][1]
+            n_ref = np.linalg.norm(psf_dev, axis=1).mean()
+            r_ref = (np.linalg.norm(psf_dev, axis=1) / np.linalg.norm(g, axis=1)).mean()
+            np.testing.assert_allclose(float(state.psf_norms[-1]), n_ref, rtol=1e-4)
+            np.testing.assert_allclose(float(state.psf_ratios[-1]), r_ref, rtol=1e-4)
+        elif left > 0:
+            weight, left = weight * decay, left - 1
+            update = gbar + weight * psf
+        else:
+            update = gbar
+        w = w - lr * update
+        got = np.asarray(jax.flatten_util.ravel_pytree(out[t + 1][0])[0], np.float64)
+        np.testing.assert_allclose(got, w, rtol=1e-5, atol=1e-6, err_msg=str(t))
+    assert replicas_agree(final_state)
+    # upcoming_sam_steps reads replica 0 of the pmapped state.
+    pos = int(final_state.window_pos[0])
+    np.testing.assert_array_equal(
+        reuse.upcoming_sam_steps(final_state), np.asarray(final_state.plan[0])[pos:]
+    )
+
+
 # ----------------------------------------------------------------------------- state readers
 
 
@@ -716,6 +875,24 @@ def test_invalid_arguments_raise_clear_errors():
         looksam(k=0)
     with pytest.raises(ValueError, match="rho"):
         looksam(-0.1)
+    with pytest.raises(ValueError, match="eps"):
+        looksam(eps=-1.0)
+    # NumPy integers are ints; bools are neither ints nor numbers.
+    state = vsam(window=np.int64(4), blocks=np.int32(2), max_reuse=np.int64(2)).init(params)
+    assert state.plan.shape == (4,)
+    looksam(k=np.int64(3))
+    for make, match in [
+        (lambda: looksam(k=True), "k must be an int"),
+        (lambda: looksam(alpha=True), "alpha"),
+        (lambda: vsam(window=True, blocks=1), "window"),
+        (lambda: vsam(max_reuse=False), "max_reuse"),
+        (lambda: vsam(reuse_decay=True), "reuse_decay"),
+        (lambda: vsam(max_rate=True), "max_rate"),
+        (lambda: vsam(sensitivity=(0.1, True)), "sensitivity"),
+        (lambda: vsam(window=4.0, blocks=2), "window"),
+    ]:
+        with pytest.raises(TypeError, match=match):
+            make()
     opt = vsam(window=4, blocks=2, stat_mask={"a": True})
     with pytest.raises(ValueError, match="stat_mask"):
         opt.update({"b": params}, opt.init({"b": params}), {"b": params}, grad_fn=lambda p: p)

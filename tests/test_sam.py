@@ -410,6 +410,20 @@ def test_negative_eta_raises_value_error():
         sharpax.sam(0.05, adaptive=True, eta=-0.01)
 
 
+def test_eps_and_bools_are_validated_like_looksam_and_vsam():
+    for make in (sharpax.sam, sharpax.looksam, sharpax.vsam):
+        with pytest.raises(ValueError, match="eps"):
+            make(0.05, eps=-1e-12)
+        with pytest.raises(TypeError, match="rho"):
+            make(True)
+        with pytest.raises(TypeError, match="eps"):
+            make(0.05, eps=False)
+    with pytest.raises(TypeError, match="eta"):
+        sharpax.sam(0.05, adaptive=True, eta=True)
+    with pytest.raises(TypeError, match="eps"):
+        sharpax.sam(0.05, eps=lambda count: 1e-12)  # only rho may be a schedule
+
+
 @pytest.mark.parametrize(
     "rho",
     [np.float32(-0.1), np.array(-0.1), jnp.asarray(-0.1)],
@@ -696,6 +710,22 @@ def test_synced_mode_equals_full_batch_sam(mapper):
     # Per-device ascent would give a different answer: the test sees the pmean of the ascent.
     per_device = jax.tree.map(lambda *gs: sum(gs) / NDEV, *per_shard_sam_grads(params, shards, rho))
     assert tree_maxdiff(expected, per_device) > 1e-3
+
+
+def test_pmean_updates_recipe_equals_full_batch_sam():
+    """The recipe shared with looksam/vsam: per-device grad_fn, output averaged after sam."""
+    from sharpax.sam import pmean_updates
+
+    rho, lr, params, full, shards = dp_setup()
+    opt = optax.chain(sharpax.sam(rho, axis_name="batch"), pmean_updates("batch"), optax.sgd(lr))
+    updates, _ = run_pmap(opt, params, shards, pmean_in_grad_fn=False)
+    for d in range(NDEV):  # every device applies the same, full-batch SAM update
+        tree_allclose(
+            jax.tree.map(lambda u, d=d: -u[d] / lr, updates),
+            ref_sam_grad(mlp_loss, params, full, rho),
+            rtol=1e-5,
+            atol=1e-5,
+        )
 
 
 @pytest.mark.parametrize("mapper", MAPPERS)

@@ -386,3 +386,43 @@ def test_errors():
         sharpness.loss_landscape(loss_fn, params, scales=[], num_directions=1, key=key)
     with pytest.raises(ValueError, match="num_directions"):
         sharpness.loss_landscape(loss_fn, params, scales=[0.1], num_directions=0, key=key)
+
+
+def test_keys_integer_arguments_and_bools():
+    loss_fn = make_quadratic(SPD, B_VEC)
+    params = make_params()
+    # Typed keys and raw uint32[2] keys are both accepted (and give the same directions).
+    typed = sharpness.loss_landscape(
+        loss_fn, params, scales=[0.1], num_directions=np.int64(2), key=jax.random.key(4)
+    )
+    raw = sharpness.loss_landscape(
+        loss_fn, params, scales=[0.1], num_directions=2, key=jax.random.PRNGKey(4)
+    )
+    assert typed.shape == (2, 1)
+    np.testing.assert_allclose(typed, raw, rtol=1e-6)
+    lam = sharpness.hessian_top_eigenvalue(
+        loss_fn, params, num_iters=np.int32(3), key=jax.random.PRNGKey(0)
+    )
+    assert np.isfinite(float(lam))
+    # Anything else is not a key: a clear TypeError, never a silent int seed.
+    for bad in (
+        0,
+        np.int64(3),
+        jnp.zeros(3, jnp.uint32),
+        jnp.zeros(2),
+        "key",
+        jax.random.split(jax.random.key(0), 2),
+    ):
+        with pytest.raises(TypeError, match="PRNG key"):
+            sharpness.hessian_top_eigenvalue(loss_fn, params, key=bad)
+        with pytest.raises(TypeError, match="PRNG key"):
+            sharpness.loss_landscape(loss_fn, params, scales=[0.1], num_directions=1, key=bad)
+    # Bools are neither ints nor numbers.
+    with pytest.raises(TypeError, match="num_directions"):
+        sharpness.loss_landscape(
+            loss_fn, params, scales=[0.1], num_directions=True, key=jax.random.key(0)
+        )
+    with pytest.raises(TypeError, match="num_iters"):
+        sharpness.hessian_top_eigenvalue(loss_fn, params, num_iters=2.0, key=jax.random.key(0))
+    with pytest.raises(TypeError, match="rho"):
+        sharpness.sam_sharpness(loss_fn, params, True)

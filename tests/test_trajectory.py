@@ -162,7 +162,12 @@ def run_saf_simulation(lag, start_epoch, dtype):
 def test_saf_matches_history_over_shuffled_epochs(lag, start_epoch):
     traj, state, history, num_epochs, seen = run_saf_simulation(lag, start_epoch, jnp.float32)
     # The gating and exclusion paths were actually exercised.
-    assert any(e < start_epoch and cnt > 0 and t == 0.0 for e, t, cnt in seen) or start_epoch <= lag
+    assert all(t == 0.0 for e, t, cnt in seen if e < start_epoch)
+    if start_epoch > lag:  # references existed before start_epoch, and were ignored
+        assert any(e < start_epoch and cnt > 0 for e, t, cnt in seen)
+    else:  # the term is on from the first epoch that has references
+        assert all(cnt == 0 for e, t, cnt in seen if e < lag)
+        assert any(e == lag and cnt > 0 and t > 0 for e, t, cnt in seen)
     assert any(cnt < B and t > 0 for e, t, cnt in seen)  # stale/unseen entries excluded
     assert all(t == 0.0 for e, t, cnt in seen if e < lag)  # nothing written lag epochs before
     # Final buffer: slot s of row i holds the latest epoch e ≡ s (mod lag+1) in which i was seen.
@@ -277,15 +282,47 @@ def test_checkify_reports_bad_ids_inside_jit():
     assert "num_examples=12" in err.get()
 
 
-def test_unchecked_jit_bad_ids_poison_term_and_never_touch_buffer():
-    traj = tr.saf(12, 4, lag=1, start_epoch=5)
-    state = traj.init()
-    z = jnp.ones((3, 4))
-    term, new = jax.jit(traj.update)(state, z, jnp.array([2, -1, 12]), jnp.int32(0))
-    assert np.isnan(term)  # even before start_epoch
-    stamps = np.asarray(new.written_epoch)
-    assert stamps[2, 0] == 0 and (np.delete(stamps, 2, axis=0) == -1).all()  # -1 did not wrap
-    np.testing.assert_array_equal(np.asarray(new.logits)[11], 0.0)  # 12 did not clamp to 11
+def test_unchecked_jit_bad_ids_write_nothing_and_poison_term_and_gradient():
+    traj = tr.saf(12, 4, lag=1, start_epoch=1)
+    step = jax.jit(jax.value_and_grad(traj.update, argnums=1, has_aux=True))
+    z = jnp.asarray(np.random.default_rng(11).normal(size=(3, 4)), jnp.float32)
+    (_, state), _ = step(traj.init(), z, jnp.array([2, 5, 7]), jnp.int32(0))
+    before = jax.device_get(state)
+    assert (before.written_epoch[[2, 5, 7], 0] == 0).all()
+    # Before start_epoch (epoch 0) and after it (epoch 1, references exist), one bad id
+    # among valid ones: all or nothing, loud in both the value and the gradient.
+    for epoch in (0, 1):
+        for ids in ([2, -1, 7], [2, 5, 12], [1000, 3, 4]):
+            (term, new), g = step(state, 2 * z, jnp.array(ids), jnp.int32(epoch))
+            assert np.isnan(float(term)), (epoch, ids)
+            assert np.isnan(np.asarray(g)).all(), (epoch, ids)
+            after = jax.device_get(new)
+            np.testing.assert_array_equal(after.written_epoch, before.written_epoch)
+            np.testing.assert_array_equal(after.logits, before.logits)
+    # The same bad id masked out by `where` (padding) is neither checked nor written.
+    where = jnp.array([True, False, True])
+    (term, new), g = step(state, 2 * z, jnp.array([2, -1, 7]), jnp.int32(1), where=where)
+    z_np = np.asarray(z)[[0, 2]]
+    exp = WEIGHT * np.mean(np_traj_kl(2 * z_np, z_np, TAU))  # saf defaults: τ = 5, λ = 0.3
+    np.testing.assert_allclose(float(term), exp, rtol=1e-5)
+    assert np.isfinite(np.asarray(g)).all() and (np.asarray(g)[1] == 0).all()
+    assert (np.asarray(new.written_epoch)[[2, 7], 1] == 1).all()
+
+
+def test_with_saf_checks_concrete_ids_on_the_host():
+    traj = tr.saf(5, 2, lag=1, start_epoch=0)
+    f = tr.with_saf(linear_loss, traj)
+    batch = {"x": np.ones((2, 4), np.float32), "example_id": np.array([1, 5])}
+    w = jnp.ones((4, 2))
+    with pytest.raises(ValueError, match=r"\[5\] at positions \[1\]"):
+        jax.value_and_grad(f, has_aux=True)(w, traj.init(), batch, 0)
+    # Concrete ids closed over by a jitted step are checked while tracing.
+    with pytest.raises(ValueError, match="out-of-range"):
+        jax.jit(lambda p, s: f(p, s, batch, 0))(w, traj.init())
+    # Masked padding ids are not checked.
+    f_masked = tr.with_saf(linear_loss, traj, where_fn=lambda b: np.array([True, False]))
+    (_, out), _ = jax.value_and_grad(f_masked, has_aux=True)(w, traj.init(), batch, 0)
+    assert np.asarray(out.state.written_epoch)[1, 0] == 0
 
 
 def test_shape_and_argument_errors_at_trace_time():
@@ -320,6 +357,21 @@ def test_shape_and_argument_errors_at_trace_time():
     ]:
         with pytest.raises(ValueError, match=match):
             tr.saf(**kwargs)
+    # NumPy integers are ints; bools and floats are not (TypeError naming the argument).
+    assert tr.saf(np.int64(12), np.int32(4), lag=np.int64(1)).nbytes == 12 * 2 * 4 * 4 + 12 * 2 * 4
+    for kwargs, match in [
+        ({"num_examples": True, "num_classes": 3}, "num_examples"),
+        ({"num_examples": 3, "num_classes": 3.0}, "num_classes"),
+        ({"num_examples": 3, "num_classes": 3, "start_epoch": True}, "start_epoch"),
+        ({"num_examples": 3, "num_classes": 3, "temperature": True}, "temperature"),
+        ({"num_examples": 3, "num_classes": 3, "weight": False}, "weight"),
+    ]:
+        with pytest.raises(TypeError, match=match):
+            tr.saf(**kwargs)
+    with pytest.raises(TypeError, match="decay"):
+        tr.mesa(True)
+    with pytest.raises(TypeError, match="num_examples"):
+        tr.check_example_ids(np.array([0]), True)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -379,6 +431,68 @@ def test_pmap_axis_name_matches_single_device(single_device_reference):
         for r in range(NDEV):  # every replica holds the single-device buffer
             np.testing.assert_array_equal(state.logits[r], state1.logits)
             np.testing.assert_array_equal(state.written_epoch[r], state1.written_epoch)
+
+
+def test_pmap_axis_name_with_where_padding_matches_dict_history():
+    """8 devices, each with 2 real rows and 1 padding row (junk id, junk logits, where=False);
+    one real example is also masked out at epoch 2. Reference: a dict history (NumPy)."""
+    n, c, lag, start = 16, 3, 1, 1
+    traj = tr.saf(n, c, lag=lag, start_epoch=start, temperature=TAU, weight=WEIGHT, axis_name="b")
+    step = jax.pmap(
+        lambda s, z, i, w, e: jax.value_and_grad(
+            lambda zz: traj.update(s, zz, i, e, where=w), has_aux=True
+        )(z),
+        axis_name="b",
+        in_axes=(0, 0, 0, 0, None),
+    )
+    rng = np.random.default_rng(12)
+    state = jax.tree.map(lambda a: np.stack([a] * NDEV), traj.init())
+    history = {}
+    terms = []
+    for e in range(3):
+        real = rng.permutation(n).reshape(NDEV, 2)
+        ids = np.concatenate([real, rng.choice([-1, 3, 999], size=(NDEV, 1))], axis=1)
+        where = np.ones((NDEV, 3), bool)
+        where[:, 2] = False
+        if e == 2:
+            where[4, 0] = False  # a real example masked out: neither read nor written
+        z = (rng.normal(size=(NDEV, 3, c)) * 2).astype(np.float32)
+        (term, state), grads = step(state, z, ids, where, jnp.int32(e))
+        # Reference: full-batch mean over the rows with a reference written at e - lag.
+        flat_ids, flat_z, flat_w = ids.reshape(-1), z.reshape(-1, c), where.reshape(-1)
+        refs = [history.get((int(i), e - lag)) if m else None for i, m in zip(flat_ids, flat_w)]
+        valid = np.array([r is not None for r in refs])
+        exp_grad = np.zeros_like(flat_z, np.float64)
+        exp_term = 0.0
+        if e >= start and valid.any():
+            ref = np.stack([r for r in refs if r is not None])
+            exp_term = WEIGHT * np.mean(np_traj_kl(flat_z[valid], ref, TAU))
+            exp_grad[valid] = WEIGHT / valid.sum() * np_traj_kl_grad(flat_z[valid], ref, TAU)
+        np.testing.assert_allclose(term, np.full(NDEV, exp_term), rtol=1e-5, atol=1e-8)
+        # pmean of the per-device gradients is the full-batch gradient; padding rows get 0.
+        np.testing.assert_allclose(
+            np.asarray(grads).reshape(-1, c) / NDEV, exp_grad, rtol=1e-5, atol=1e-8
+        )
+        for i, zi, m in zip(flat_ids, flat_z, flat_w):
+            if m:
+                history[(int(i), e)] = zi.astype(np.float64)
+        terms.append(exp_term)
+    assert terms[0] == 0.0 and terms[1] > 0 and terms[2] > 0
+    stamps, logits = np.asarray(state.written_epoch), np.asarray(state.logits)
+    for r in range(NDEV):  # identical replicas, exactly the history (padding never written)
+        for i in range(n):
+            for slot in range(lag + 1):
+                epochs = [e for e in range(3) if e % (lag + 1) == slot and (i, e) in history]
+                assert stamps[r, i, slot] == (max(epochs) if epochs else -1)
+                if epochs:
+                    np.testing.assert_array_equal(logits[r, i, slot], history[(i, max(epochs))])
+    # A bad id on one device only, unmasked: every device gets NaN and nothing is written.
+    ids[5, 1] = 999
+    (term, new), grads = step(state, z, ids, where, jnp.int32(3))
+    assert np.isnan(np.asarray(term)).all()
+    assert np.isnan(np.asarray(grads)[np.asarray(where)]).all()
+    np.testing.assert_array_equal(np.asarray(new.written_epoch), stamps)
+    np.testing.assert_array_equal(np.asarray(new.logits), logits)
 
 
 def test_shard_map_axis_name_matches_single_device(single_device_reference):
@@ -557,7 +671,7 @@ def test_with_saf_and_sam_write_clean_logits_once():
     assert not np.allclose(w_new, w)
 
 
-def test_with_mesa_teacher_is_constant_and_skipped_before_start():
+def test_with_mesa_teacher_is_constant_and_runs_or_is_skipped_as_designed():
     rng = np.random.default_rng(8)
     x = rng.normal(size=(3, 4)).astype(np.float32)
     w, ema = rng.normal(size=(2, 4, 2)).astype(np.float32)
@@ -574,17 +688,43 @@ def test_with_mesa_teacher_is_constant_and_skipped_before_start():
     )
     np.testing.assert_array_equal(out.state.ema, ema)  # returned unchanged
     assert int(out.state.count) == 0
-    # Traced epoch before start: 0 (teacher under lax.cond).
-    (_, out), _ = step(w, state, {"x": x}, jnp.int32(1))
-    assert float(out.term) == 0.0
 
-    # Python epoch before start: the teacher is not even called.
-    def no_teacher(e, b):
-        raise AssertionError("teacher evaluated before start_epoch")
+    # Count the teacher's executions (a debug callback inside teacher_fn) and traces.
+    runs, traces = [], []
 
-    f_no_teacher = jax.jit(tr.with_mesa(linear_loss, teacher, no_teacher), static_argnums=3)
-    total, out = f_no_teacher(w, state, {"x": x}, 1)
-    assert float(out.term) == 0.0
+    def counted_teacher(e, b):
+        traces.append(1)
+        jax.debug.callback(lambda: runs.append(1))
+        return b["x"] @ e
+
+    counted = tr.with_mesa(linear_loss, teacher, counted_teacher)
+    # Traced epoch before start: the teacher runs (no lax.cond), the term is gated to 0.
+    traced_step = jax.jit(jax.value_and_grad(counted, has_aux=True))
+    (total, out), g = traced_step(w, state, {"x": x}, jnp.int32(1))
+    jax.effects_barrier()
+    assert len(runs) == 1 and float(out.term) == 0.0
+    np.testing.assert_allclose(g, w, rtol=1e-6)  # task-loss gradient only
+    jaxpr = str(jax.make_jaxpr(counted)(w, state, {"x": x}, jnp.int32(1)))
+    assert "cond[" not in jaxpr
+    # Traced epoch at start: the same compiled step, the term is on.
+    (_, out), _ = traced_step(w, state, {"x": x}, jnp.int32(2))
+    jax.effects_barrier()
+    assert len(runs) == 2
+    np.testing.assert_allclose(out.term, term, rtol=1e-5)
+
+    # Python epoch before start: the teacher is neither traced nor run.
+    traces.clear()
+    runs.clear()
+    static_step = jax.jit(counted, static_argnums=3)
+    total, out = static_step(w, state, {"x": x}, 1)
+    jax.effects_barrier()
+    assert float(out.term) == 0.0 and not traces and not runs
+    np.testing.assert_allclose(total, 0.5 * np.sum(w.astype(np.float64) ** 2), rtol=1e-6)
+    # Python epoch from start on: it runs.
+    total, out = static_step(w, state, {"x": x}, 2)
+    jax.effects_barrier()
+    assert len(traces) == 1 and len(runs) == 1
+    np.testing.assert_allclose(out.term, term, rtol=1e-5)
 
 
 # ------------------------------------------------------------------------------------------------
