@@ -395,14 +395,20 @@ def next_sam_step(s: Setup, state: TrainState) -> bool | None:
     """Host-side dispatch for LookSAM/vSAM: which of the two compiled steps runs next.
 
     Reads ``sharpax.upcoming_sam_steps`` (vSAM: the rest of the current window's
-    plan, one device-to-host read per window; LookSAM: the next decision) and
-    serves decisions from that queue. ``None`` (decide on device) for the other
+    plan, one device-to-host read per window; LookSAM: the next decision, which
+    after a SAM step implies the next ``k - 1`` reuse steps) and serves
+    decisions from that queue. ``None`` (decide on device) for the other
     methods and for ``config.dispatch == 'cond'``.
     """
     if s.config.method not in ("looksam", "vsam") or s.config.get("dispatch", "host") == "cond":
         return None
     if not s.plan:
-        s.plan.extend(bool(d) for d in sharpax.upcoming_sam_steps(state.opt_state))
+        upcoming = [bool(d) for d in sharpax.upcoming_sam_steps(state.opt_state)]
+        if s.config.method == "looksam" and upcoming == [True]:
+            # LookSAM's schedule is periodic: a SAM step is followed by k - 1 reuse
+            # steps, so one device-to-host read serves k steps.
+            upcoming += [False] * (s.config.looksam.k - 1)
+        s.plan.extend(upcoming)
     return s.plan.pop(0)
 
 
