@@ -31,11 +31,19 @@ from tqdm.auto import tqdm
 
 import sharpax
 from experiments import input_pipeline, training
+from experiments.configs import cifar10_resnet18, cifar100_resnet18
 from experiments.configs import mnist as mnist_config
 from experiments.configs import mnist1d as mnist1d_config
 
 DEFAULT_METHODS = ("sgd", "sam", "looksam", "vsam", "saf", "mesa")
-CONFIGS = {"mnist1d": mnist1d_config, "mnist": mnist_config}
+# The dataset's config supplies model and recipe (CIFAR: ResNet-18, slow on a CPU:
+# pass --epochs); `--dataset` picks one.
+CONFIGS = {
+    "mnist1d": mnist1d_config,
+    "mnist": mnist_config,
+    "cifar10": cifar10_resnet18,
+    "cifar100": cifar100_resnet18,
+}
 DIAG_BATCH = 512
 LANDSCAPE_SCALES = (0.0, 0.02, 0.04, 0.07, 0.1, 0.15)
 
@@ -303,7 +311,7 @@ def _save(fig, out: str, name: str) -> str:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default="mnist1d", choices=sorted(CONFIGS))
-    p.add_argument("--data_dir", default=None, help="TFDS data_dir (for --dataset mnist)")
+    p.add_argument("--data_dir", default=None, help="TFDS data_dir (all datasets but mnist1d)")
     p.add_argument("--epochs", type=int, default=None, help="default: the dataset config's")
     p.add_argument("--seeds", default="0,1", help="comma-separated seeds, e.g. 0,1,2")
     p.add_argument("--methods", default=",".join(DEFAULT_METHODS))
