@@ -136,7 +136,7 @@ class Runner:
                 self.sam_due_sequence.append(sam_step)
 
 
-def summarize(runners: dict, args) -> dict:
+def summarize(runners: dict) -> dict:
     out = {}
     sgd_t = statistics.median(runners["sgd"].times["all"]) if "sgd" in runners else None
     for m, r in runners.items():
@@ -226,7 +226,7 @@ def main(argv=None) -> dict:
     for _ in range(args.rounds):
         for m in methods:
             runners[m].run(args.steps)
-    rows = summarize(runners, args)
+    rows = summarize(runners)
     table = print_table(rows)
     peak = None
     stats = jax.devices()[0].memory_stats()

@@ -99,7 +99,6 @@ def run_method(
     args: argparse.Namespace,
     sources: tuple,
     diag_batch: dict,
-    position: int,
 ) -> dict:
     cfg_module = CONFIGS[args.dataset]
     config = cfg_module.get_config(method + (",runlocal" if args.smoke else ""))
@@ -125,7 +124,6 @@ def run_method(
     bar = tqdm(
         total=config.num_epochs * s.steps_per_epoch,
         desc=f"seed {seed} {method:>8}",
-        position=position,
         leave=True,
         disable=args.quiet,
     )
@@ -342,10 +340,8 @@ def main(argv=None) -> dict:
     t0 = time.perf_counter()
     results = []
     for seed in seeds:
-        for i, m in enumerate(methods):
-            results.append(
-                run_method(m, seed, args, (train_source, test_source), diag, position=0)
-            )
+        for m in methods:
+            results.append(run_method(m, seed, args, (train_source, test_source), diag))
     rows = summarize(results, methods)
     table = table_markdown(rows)
     files = plot(results, rows, methods, args.out)

@@ -5,14 +5,12 @@ L(w) = 0.5 wᵀAw + bᵀw the gradient is Aw + b, the Hessian is A, and
 L(θ + d) − L(θ) = gᵀd + 0.5 dᵀAd exactly.
 """
 
-import doctest
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import sharpax
 from sharpax import sharpness
 
 # Two leaves; jax.tree.leaves order for a dict is sorted keys: "a" (3,), then "b" (2, 2).
