@@ -70,6 +70,7 @@ class Setup:
     mesh: Mesh
     steps_per_epoch: int
     num_classes: int
+    num_examples: int  # training-set size: valid SAF ids are [0, num_examples)
     input_shape: tuple[int, ...]
     train_step: Callable[..., tuple[TrainState, dict]]
     eval_step: Callable[..., dict]
@@ -95,7 +96,7 @@ def learning_rate_schedule(config: ml_collections.ConfigDict, steps_per_epoch: i
 
 
 def make_optimizer(
-    config: ml_collections.ConfigDict, steps_per_epoch: int, num_devices: int = 1
+    config: ml_collections.ConfigDict, steps_per_epoch: int
 ) -> optax.GradientTransformationExtraArgs:
     """The base optimizer, with the method's sharpax transform first in the chain."""
     lr = learning_rate_schedule(config, steps_per_epoch)
@@ -293,7 +294,12 @@ def setup(
         steps_per_epoch = min(steps_per_epoch, config.max_steps_per_epoch)
     model = models.get_model(config.model, num_classes, **dict(config.get("model_kwargs", {})))
     tx = make_optimizer(config, steps_per_epoch)
-    traj = make_trajectory(config, train_size, num_classes)
+    buffer_rows = train_size
+    if config.method == "saf" and config.saf.get("shard_buffer", False):
+        # A buffer sharded along the example axis needs a row count divisible by
+        # the devices (ImageNet's 1 281 167 is not): pad with rows no id maps to.
+        buffer_rows = -(-train_size // n_dev) * n_dev
+    traj = make_trajectory(config, buffer_rows, num_classes)
     args = dict(model=model, tx=tx, traj=traj, config=config, num_classes=num_classes)
     train_step, eval_step = make_step_fns(args)
 
@@ -311,6 +317,7 @@ def setup(
         mesh=mesh,
         steps_per_epoch=steps_per_epoch,
         num_classes=num_classes,
+        num_examples=train_size,
         input_shape=input_shape,
         train_step=jit_train,
         eval_step=jit_eval,
@@ -426,7 +433,9 @@ def run_train_epoch(
     epoch_arr = jnp.asarray(epoch, jnp.int32)
     for batch in batches:
         if s.config.method == "saf":
-            s.traj.check_ids(batch["id"])  # host boundary: out-of-range ids raise, never clamp
+            # Host boundary: ids outside the real training set raise, never clamp
+            # (checked against the true size, not the padded buffer).
+            sharpax.check_example_ids(batch["id"], s.num_examples)
         sam_step = next_sam_step(s, state)
         state, metrics = s.train_step(state, put_batch(s, batch), epoch_arr, sam_step=sam_step)
         pending.append(metrics)

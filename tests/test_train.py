@@ -140,3 +140,20 @@ def test_cifar_pipeline_trains_on_mock_data(tmp_path):
     with tfds.testing.mock_data(num_examples=64, policy=tfds.testing.MockPolicy.USE_CODE):
         rows = train.train_and_evaluate(config, str(tmp_path / "work"), progress=False)
     assert np.isfinite(rows[0]["train_loss"]) and rows[0]["train_steps"] == 2
+
+
+def test_sharded_saf_buffer_pads_rows_but_ids_are_checked_against_the_true_size():
+    # 4001 examples on 8 devices: the sharded buffer gets 4008 rows (ImageNet's
+    # 1 281 167 is not divisible by 8 either), but ids 4001..4007 stay invalid.
+    config = tiny_config("saf")
+    config.saf.shard_buffer = True
+    s = training.setup(config, train_size=4001, mesh=training.make_mesh(jax.devices()))
+    state = training.init_state(s)
+    assert state.traj.logits.shape[0] == 4008
+    assert state.traj.logits.sharding.spec[0] == "data"
+    source = input_pipeline.make_source("mnist1d", "train")
+    batch = next(iter(training.train_iter(config, source, 0, 1)))
+    state, _ = training.run_train_epoch(s, state, [batch], 0)
+    bad = dict(batch, id=np.where(np.arange(len(batch["id"])) == 3, 4003, batch["id"]).astype(np.int32))
+    with pytest.raises(ValueError, match="4003"):
+        training.run_train_epoch(s, state, [bad], 0)
