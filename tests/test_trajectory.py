@@ -264,7 +264,7 @@ def test_eager_update_raises_on_bad_ids():
 
 
 def test_checkify_reports_bad_ids_inside_jit():
-    traj = tr.saf(12, 4, lag=1, start_epoch=0)
+    traj = tr.saf(12, 4, lag=1, start_epoch=0, debug_checks=True)
     checked = jax.jit(checkify.checkify(traj.update))
     state = traj.init()
     err, _ = checked(state, jnp.zeros((3, 4)), jnp.array([1, 12, -5]), jnp.int32(0))
@@ -280,6 +280,22 @@ def test_checkify_reports_bad_ids_inside_jit():
         lambda z, ids: traj.update(state, z, ids, 3)[0])))
     err, _ = step(jnp.zeros((2, 4)), jnp.array([0, 40]))
     assert "num_examples=12" in err.get()
+
+
+def test_default_update_has_no_effects_so_jit_keeps_its_fast_path():
+    # A checkify effect in the jaxpr sends every call of the jitted step through
+    # JAX's Python dispatch path (milliseconds per step on a GPU), so the in-jit
+    # check is opt-in.
+    def effects(traj):
+        def step(state, z, ids):
+            return jax.value_and_grad(traj.update, argnums=1, has_aux=True)(state, z, ids, 3)
+
+        return jax.make_jaxpr(step)(traj.init(), jnp.zeros((2, 4)), jnp.array([0, 1])).effects
+
+    assert effects(tr.saf(12, 4)) == set()
+    assert effects(tr.saf(12, 4, debug_checks=True)) != set()
+    with pytest.raises(TypeError, match="debug_checks must be a bool"):
+        tr.saf(12, 4, debug_checks=1)
 
 
 def test_unchecked_jit_bad_ids_write_nothing_and_poison_term_and_gradient():
