@@ -78,7 +78,9 @@ def build(method: str, args, train_size: int):
             dict(model=s.model, tx=tx, traj=None, config=config, num_classes=s.num_classes)
         )
         s.tx = tx
-        s.train_step = jax.jit(train_step, static_argnames=("sam_step",), donate_argnums=(0,))
+        s.train_step = jax.jit(
+            train_step, static_argnames=("sam_step",), donate_argnums=(0,), keep_unused=True
+        )
     return config, s
 
 

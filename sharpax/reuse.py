@@ -21,6 +21,12 @@ forward-backward pass).
 
 The state always advances the schedule, so both paths give the same trajectory.
 
+Donation: a SAM step overwrites the cached direction without reading it, so
+``jax.jit`` prunes that input. When you donate the state, jit the step with
+``keep_unused=True`` as well (``jax.jit(step, donate_argnums=..., keep_unused=True)``);
+otherwise each SAM step writes the cache to fresh buffers rather than the
+donated ones (on an H100, a ResNet-18 SAM step took 10 ms instead of 6 ms).
+
 Data parallel (``pmap`` / ``shard_map``), the recipe shared with
 :func:`sharpax.sam`: pass each device's own gradient and a per-device
 ``grad_fn`` (no ``pmean`` inside it), and average the transform's *output*
