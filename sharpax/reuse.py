@@ -99,6 +99,8 @@ class LookSAMState(NamedTuple):
         gradient orthogonal to the clean gradient of that step (this
         device's, under data parallelism). Leaves are at least float32
         (float32 for bfloat16/float16 params), whatever the params' dtype.
+      g_v_norm: float32 scalar, ``‖g_v‖₂`` (global over the pytree), computed
+        once at the SAM step so reuse steps need only ``‖g‖``.
 
     Examples:
       >>> import jax.numpy as jnp, sharpax
@@ -111,6 +113,7 @@ class LookSAMState(NamedTuple):
     num_sam_steps: jax.Array
     sam_due: jax.Array
     g_v: optax.Updates
+    g_v_norm: jax.Array
 
 
 def looksam(
@@ -207,6 +210,7 @@ def looksam(
             num_sam_steps=jnp.zeros([], jnp.int32),
             sam_due=jnp.ones([], bool),
             g_v=_common.zeros_f32_like(params),
+            g_v_norm=jnp.zeros([], _F32),
         )
 
     def update_fn(
@@ -227,7 +231,7 @@ def looksam(
         alpha_t = _common.value_at(alpha, state.count)
 
         def sam_branch(operand):
-            g, g_v_old = operand
+            g, g_v_old, _ = operand
             g_s = _common.sam_gradient(g, params, grad_fn, rho_t, eps=eps, axis_name=axis_name)
             coef = _common.safe_div(_common.vdot32(g_s, g), _common.vdot32(g, g))
 
@@ -235,20 +239,24 @@ def looksam(
                 dtype = _common.at_least_f32(old.dtype)
                 return s.astype(dtype) - coef.astype(dtype) * gg.astype(dtype)
 
-            g_v = jax.tree.map(orthogonal, g_s, g, g_v_old)
-            return g_s, _common.cast_like(g_v, g_v_old)
+            g_v = _common.cast_like(jax.tree.map(orthogonal, g_s, g, g_v_old), g_v_old)
+            return g_s, g_v, _common.global_norm(g_v)
 
         def reuse_branch(operand):
-            g, g_v = operand
-            scale = alpha_t * _common.safe_div(_common.global_norm(g), _common.global_norm(g_v))
+            g, g_v, g_v_norm = operand
+            scale = alpha_t * _common.safe_div(_common.global_norm(g), g_v_norm)
             out = jax.tree.map(
                 lambda gg, v: (gg.astype(_F32) + scale * v.astype(_F32)).astype(gg.dtype), g, g_v
             )
-            return out, g_v
+            return out, g_v, g_v_norm
 
         did = _did_sam(sam_step, state)
-        new_updates, g_v = _branch(
-            sam_step, state.sam_due, sam_branch, reuse_branch, (updates, state.g_v)
+        new_updates, g_v, g_v_norm = _branch(
+            sam_step,
+            state.sam_due,
+            sam_branch,
+            reuse_branch,
+            (updates, state.g_v, state.g_v_norm),
         )
         count = optax.safe_increment(state.count)
         return new_updates, LookSAMState(
@@ -258,6 +266,7 @@ def looksam(
             ),
             sam_due=(count % k) == 0,
             g_v=g_v,
+            g_v_norm=g_v_norm,
         )
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

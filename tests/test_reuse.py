@@ -206,6 +206,10 @@ def test_looksam_matches_numpy_formula_on_quadratic():
         assert bool(inner(s).sam_due) == (t % k == 0)
         p, s = step(p, s)
         np.testing.assert_allclose(np.asarray(p), ref_traj[t], rtol=1e-5, atol=1e-5)
+        # The cached norm is that of the cached direction (reuse steps read only it).
+        np.testing.assert_allclose(
+            float(inner(s).g_v_norm), np.linalg.norm(np.asarray(inner(s).g_v)), rtol=1e-6
+        )
     assert int(inner(s).num_sam_steps) == 4
 
 
