@@ -185,6 +185,11 @@ def summarize(runners: dict) -> dict:
     return out
 
 
+def _ms(seconds: float) -> str:
+    ms = 1e3 * seconds
+    return f"{ms:.2f}" if ms < 10 else f"{ms:.1f}"
+
+
 def print_table(rows: dict) -> str:
     lines = [
         "| method | median step (ms) | effective step (ms) | vs SGD | target | SAM fraction | compiled step memory (MB) |",
@@ -200,7 +205,7 @@ def print_table(rows: dict) -> str:
         )
         target = r["target_vs_sgd"]
         lines.append(
-            f"| {m} | {1e3 * r['median_step_s']:.1f} | {1e3 * r['effective_step_s']:.1f} | "
+            f"| {m} | {_ms(r['median_step_s'])} | {_ms(r['effective_step_s'])} | "
             f"{vs:.2f}{extra} | {'≥ %.2f' % target if target else ''} | "
             f"{r.get('measured_sam_fraction', 1.0 if m in ('sam', 'asam', 'optax_sam') else 0.0):.2f} | {mem} |"
         )
