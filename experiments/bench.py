@@ -15,8 +15,8 @@ temporaries), device peak memory where the backend reports it, and the SAF
 buffer's bytes at the dataset's full size.
 
 For vSAM the reuse steps and SAM steps are timed separately (median each; each
-round also times ``max(2, steps // 5)`` forced SAM steps, since the schedule
-itself may take only one in a short run);
+round also times ``max(2, steps // 5)`` forced SAM steps on a throw-away copy
+of the state, since the schedule itself may take only one in a short run);
 its throughput is given at the SAM fraction its schedule produced in this run
 *and* at a fixed 30 % fraction (the operating point the targets refer to):
 ``t = f · t_sam + (1 − f) · t_reuse``. LookSAM's effective time is
@@ -141,12 +141,16 @@ class Runner:
         if self.method == "vsam":
             # vSAM's own schedule may take a single SAM step in a whole run; time
             # a few forced SAM steps too, so t_sam is a median, not one sample.
-            # (They do not count towards the measured SAM fraction.)
+            # They run on a throw-away copy of the state, so the schedule (and
+            # the host's queue of its decisions) is left exactly as it was.
+            scratch = jax.tree.map(jnp.copy, self.state)
             for _ in range(max(2, n // 5)):
+                jax.block_until_ready(scratch)
                 t0 = time.perf_counter()
-                self.step(True)
-                jax.block_until_ready(self.state.params)
+                scratch, _ = self.s.train_step(scratch, self.batch, self.epoch, sam_step=True)
+                jax.block_until_ready(scratch.params)
                 self.times[True].append(time.perf_counter() - t0)
+            del scratch
 
 
 def summarize(runners: dict) -> dict:
@@ -159,7 +163,7 @@ def summarize(runners: dict) -> dict:
             t_sam = statistics.median(r.times[True])
             t_reuse = statistics.median(r.times[False])
             frac = float(np.mean(r.sam_due_sequence))
-            row.update(t_sam_step_s=t_sam, t_reuse_step_s=t_reuse, measured_sam_fraction=float(frac))
+            row.update(t_sam_step_s=t_sam, t_reuse_step_s=t_reuse, measured_sam_fraction=frac)
             if m == "looksam":
                 k = r.config.looksam.k
                 row["effective_step_s"] = (t_sam + (k - 1) * t_reuse) / k

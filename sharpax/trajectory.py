@@ -299,10 +299,10 @@ def saf(
     them when the step is wrapped in ``jax.experimental.checkify.checkify``. It
     is off by default because the check gives the jitted step a checkify effect,
     and a jitted function with effects is dispatched through JAX's Python path on
-    every call instead of its C++ fast path (measured: +3.7 ms per ResNet-18
-    step on an H100, where the whole SGD step takes 3.4 ms; see BENCHMARKS.md).
-    (3) Without either (an unchecked jitted step), a batch with any bad id (under ``axis_name``: on any device) is
-    all-or-nothing: *nothing* of the batch is written (the buffer is unchanged,
+    every call instead of its C++ fast path (measured: SAF's ResNet-18 step on
+    an H100 took 7.1 ms with it and 3.7 ms without; see BENCHMARKS.md).
+    (3) Without either (an unchecked jitted step), a batch with any bad id
+    (under ``axis_name``: on any device) is all-or-nothing: *nothing* of the batch is written (the buffer is unchanged,
     valid ids included), and both the returned ``term`` and its gradient with
     respect to every (unmasked) logit are NaN, on all devices and whatever the
     epoch, so the loss and the update show it. Masked (``where=False``) rows are

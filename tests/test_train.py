@@ -120,7 +120,7 @@ def test_train_steps_have_no_effects(method):
 def test_sam_step_reuses_every_donated_state_buffer(method):
     # The SAM step overwrites the cached direction without reading it; unless the
     # step is jitted with keep_unused=True, jit drops those donated inputs and the
-    # outputs get fresh buffers on every SAM step (2x slower steps on a GPU).
+    # outputs get fresh buffers on every SAM step (1.4x slower SAM steps on an H100).
     config = tiny_config(method)
     s = training.setup(config, train_size=64)
     state = training.init_state(s)
