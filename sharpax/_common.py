@@ -173,11 +173,6 @@ def safe_div(num: jax.Array, den: jax.Array) -> jax.Array:
     return jnp.where(ok, num / jnp.where(ok, den, 1), 0)
 
 
-def cast_like(tree: Any, like: Any) -> Any:
-    """Each leaf of ``tree`` cast to the dtype of the matching leaf of ``like``."""
-    return jax.tree.map(lambda x, y: x.astype(y.dtype), tree, like)
-
-
 def at_least_f32(dtype: Any) -> Any:
     """The dtype promoted to at least float32 (bf16/f16 -> f32, f64 stays f64)."""
     return jnp.promote_types(dtype, F32)
@@ -224,11 +219,6 @@ def perturbation(
     return jax.tree.map(lambda g, w: (scale * g.astype(F32)).astype(w.dtype), ascent, params)
 
 
-def add(params: Any, delta: Any) -> Any:
-    """params + delta, keeping each param's dtype."""
-    return jax.tree.map(lambda w, d: (w + d).astype(w.dtype), params, delta)
-
-
 def sam_gradient(
     grads: Any,
     params: Any,
@@ -249,4 +239,4 @@ def sam_gradient(
     """
     ascent = maybe_pmean(grads, axis_name)
     eps_tree = perturbation(ascent, params, rho, adaptive=adaptive, eta=eta, eps=eps)
-    return cast_like(grad_fn(add(params, eps_tree)), grads)
+    return optax.tree.cast_like(grad_fn(optax.apply_updates(params, eps_tree)), grads)

@@ -172,8 +172,9 @@ def looksam(
 
     Args:
       rho: neighbourhood radius, a non-negative float or a schedule of ``count``.
-      k: a SAM step every ``k`` steps (the first step is one). Static int;
-        under ``optax.inject_hyperparams`` list it in ``static_args``.
+      k: a SAM step every ``k`` steps (the first step is one). An int >= 1;
+        under ``optax.inject_hyperparams`` it may also be an injected int32
+        scalar.
       alpha: weight of the reused direction, a float or a schedule of ``count``.
       eps: added to ``‖g‖`` in ``ε`` so a zero gradient gives ``ε = 0``.
       axis_name: mapped axis over which to average the ascent gradient, or None.
@@ -241,7 +242,7 @@ def looksam(
                 dtype = _common.at_least_f32(old.dtype)
                 return s.astype(dtype) - coef.astype(dtype) * gg.astype(dtype)
 
-            g_v = _common.cast_like(jax.tree.map(orthogonal, g_s, g, g_v_old), g_v_old)
+            g_v = optax.tree.cast_like(jax.tree.map(orthogonal, g_s, g, g_v_old), g_v_old)
             return g_s, g_v, _common.global_norm(g_v)
 
         def reuse_branch(operand):

@@ -22,6 +22,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from sharpax import _common
 
@@ -134,7 +135,7 @@ def sam_sharpness(
     _common.check_non_negative("eps", eps, schedule=False)
     loss, grads = jax.value_and_grad(loss_fn)(params)
     eps_tree = _common.perturbation(grads, params, rho, eps=eps)
-    perturbed = _loss32(loss_fn, _common.add(params, eps_tree))
+    perturbed = _loss32(loss_fn, optax.apply_updates(params, eps_tree))
     return perturbed - jnp.asarray(loss).astype(jnp.float32)
 
 
@@ -200,29 +201,19 @@ def hessian_top_eigenvalue(
     """
     _check_loss_fn(loss_fn, "hessian_top_eigenvalue")
     params = _check_params(params, "hessian_top_eigenvalue")
-    leaves = jax.tree.leaves(params)
     num_iters = _common.check_positive_int("num_iters", num_iters)
     _check_key(key, "hessian_top_eigenvalue")
     if tol is not None:
         _common.check_non_negative("tol", tol, schedule=False)
 
-    treedef = jax.tree.structure(params)
     grad_fn = jax.grad(loss_fn)
 
     def hvp(v: Any) -> Any:
-        tangent = jax.tree.map(lambda t, w: t.astype(w.dtype), v, params)
+        tangent = optax.tree.cast_like(v, params)
         hv = jax.jvp(grad_fn, (params,), (tangent,))[1]
-        return jax.tree.map(lambda x: x.astype(jnp.float32), hv)
+        return optax.tree.cast(hv, jnp.float32)
 
-    keys = jax.random.split(key, len(leaves))
-    v0 = jax.tree.unflatten(
-        treedef,
-        [
-            jax.random.normal(k, jnp.shape(w), jnp.float32)
-            for k, w in zip(keys, leaves, strict=True)
-        ],
-    )
-    v0 = _normalize(v0)
+    v0 = _normalize(optax.tree.random_like(key, params, jax.random.normal, dtype=jnp.float32))
     zero = jnp.zeros([], jnp.float32)
 
     # carry: (iteration, v for the next HVP, v of the latest λ, latest λ, previous λ)
@@ -261,17 +252,15 @@ def _normalize(tree: Any) -> Any:
 
 def _direction(params: Any, key: jax.Array, relative: bool) -> Any:
     """One random direction: N(0, I) per leaf, optionally rescaled to each leaf's norm."""
-    leaves, treedef = jax.tree.flatten(params)
-    keys = jax.random.split(key, len(leaves))
-    out = []
-    for k, w in zip(keys, leaves, strict=True):
-        d = jax.random.normal(k, jnp.shape(w), jnp.float32)
-        if relative:
-            w_norm = jnp.linalg.norm(jnp.ravel(w).astype(jnp.float32))
-            d_norm = jnp.linalg.norm(jnp.ravel(d))
-            d = d * _common.safe_div(w_norm, d_norm)
-        out.append(d)
-    return jax.tree.unflatten(treedef, out)
+    direction = optax.tree.random_like(key, params, jax.random.normal, dtype=jnp.float32)
+    if not relative:
+        return direction
+
+    def rescale(d, w):
+        w_norm = jnp.linalg.norm(jnp.ravel(w).astype(jnp.float32))
+        return d * _common.safe_div(w_norm, jnp.linalg.norm(jnp.ravel(d)))
+
+    return jax.tree.map(rescale, direction, params)
 
 
 def loss_landscape(

@@ -46,15 +46,15 @@ def _as_epoch(epoch: Any, owner: str) -> jax.Array:
     return jnp.asarray(epoch).astype(jnp.int32)
 
 
-def _check_logits_2d(logits: Any, num_classes: int | None, owner: str, name: str = "logits"):
+def _check_logits_2d(logits: Any, num_classes: int | None, owner: str):
     shape = jnp.shape(logits)
     if len(shape) != 2:
         raise ValueError(
-            f"sharpax.{owner}: {name} must have shape (batch, num_classes), got shape {shape}."
+            f"sharpax.{owner}: logits must have shape (batch, num_classes), got shape {shape}."
         )
     if num_classes is not None and shape[1] != num_classes:
         raise ValueError(
-            f"sharpax.{owner}: {name} must have shape (batch, {num_classes}) "
+            f"sharpax.{owner}: logits must have shape (batch, {num_classes}) "
             f"(num_classes={num_classes}), got shape {shape}."
         )
 
@@ -300,7 +300,8 @@ def saf(
     is off by default because the check gives the jitted step a checkify effect,
     and a jitted function with effects is dispatched through JAX's Python path on
     every call instead of its C++ fast path (measured: SAF's ResNet-18 step on
-    an H100 took 7.1 ms with it and 3.7 ms without; see BENCHMARKS.md).
+    an H100 ran at 0.48x SGD's speed with it and 1.01x without; see
+    BENCHMARKS.md).
     (3) Without either (an unchecked jitted step), a batch with any bad id
     (under ``axis_name``: on any device) is all-or-nothing: *nothing* of the batch is written (the buffer is unchanged,
     valid ids included), and both the returned ``term`` and its gradient with
@@ -551,10 +552,6 @@ class MESA(NamedTuple):
     start_epoch: int
 
 
-def _ema_dtype(dtype: Any) -> Any:
-    return jnp.promote_types(dtype, jnp.float32)
-
-
 def mesa(
     decay: _common.ScalarOrSchedule = 0.9998,
     *,
@@ -621,7 +618,7 @@ def mesa(
             # own array): the EMA must not alias the variables (donation, in-place reuse).
             dtype = jnp.result_type(v)
             if jnp.issubdtype(dtype, jnp.inexact):
-                dtype = _ema_dtype(dtype)
+                dtype = _common.at_least_f32(dtype)
             return jnp.array(v, dtype=dtype, copy=True)
 
         return MESAState(ema=jax.tree.map(copy, variables), count=jnp.zeros([], jnp.int32))
@@ -711,7 +708,7 @@ def with_saf(
     with ``logits_fn`` (default ``aux["logits"]``) and the example ids from the
     batch with ``ids_fn`` (default ``batch["example_id"]``); ``where_fn(batch)``
     optionally gives the padding mask. When the ids (and mask) are concrete, not
-    traced, they are checked on the host first (:func:`check_example_ids`:
+    traced, they are checked on the host (:func:`check_example_ids`, in
     ``ValueError`` naming a bad id); traced ids follow :func:`saf`'s in-jit rules
     (checkify with ``debug_checks=True``, else NaN term and gradient with nothing
     written).
@@ -754,10 +751,7 @@ def with_saf(
     ) -> tuple[jax.Array, TrajectoryAux]:
         ids = ids_fn(batch)
         where = None if where_fn is None else where_fn(batch)
-        if not _common.is_tracer(ids) and (where is None or not _common.is_tracer(where)):
-            # Concrete ids (e.g. a NumPy batch closed over, or no jit): check on the host.
-            traj.check_ids(np.asarray(ids), None if where is None else np.asarray(where))
-        loss, aux = loss_fn(params, batch)
+        loss, aux = loss_fn(params, batch)  # traj.update checks concrete ids on the host
         term, new_state = traj.update(state, logits_fn(aux), ids, epoch, where=where)
         return loss + term, TrajectoryAux(aux=aux, state=new_state, term=term)
 
