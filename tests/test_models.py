@@ -292,9 +292,17 @@ def test_dropout_needs_rng_and_is_off_in_eval():
     a = apply(variables, x, train=True, rngs={"dropout": jax.random.key(1)})
     b = apply(variables, x, train=True, rngs={"dropout": jax.random.key(2)})
     assert not np.allclose(a, b)
-    np.testing.assert_array_equal(
-        apply(variables, x, train=False), apply(variables, x[:2], train=False)
-    )
+    # Eval mode ignores the dropout rng (same output for any key, and without one)
+    # and equals a dropout-free model's train-mode output.
+    c = apply(variables, x, train=False, rngs={"dropout": jax.random.key(1)})
+    d = apply(variables, x, train=False, rngs={"dropout": jax.random.key(2)})
+    np.testing.assert_array_equal(c, d)
+    np.testing.assert_array_equal(c, apply(variables, x, train=False))
+    no_dropout = model.clone(dropout_rate=0.0)
+    np.testing.assert_allclose(c, no_dropout.apply(variables, x, train=True), rtol=1e-6, atol=1e-6)
+    # Train mode needs the rng.
+    with pytest.raises(Exception, match="dropout"):
+        apply(variables, x, train=True)
 
 
 def test_bad_arguments_raise_clear_errors():

@@ -759,7 +759,7 @@ def test_looksam_data_parallel_recipe_is_per_device_looksam():
     assert np.max(np.abs(w - w_full)) > 1e-2
 
 
-def test_vsam_data_parallel_recipe_equals_global_batch_vsam():
+def test_vsam_data_parallel_recipe_equals_global_batch_vsam_given_its_decisions():
     rho, lr, steps, decay, max_reuse = 0.1, 0.1, 12, 0.7, 6
     transform = vsam(
         rho, window=4, blocks=2, warmup_steps=2, sensitivity=(4.0, 4.0), axis_name="batch"

@@ -374,6 +374,8 @@ def test_zero_gradient_finite_under_inject_hyperparams_float16(adaptive):
     zeros = jax.tree.map(jnp.zeros_like, params)
     out, _ = tx.update(zeros, tx.init(params), params, grad_fn=grad_fn)
     assert all_finite(out)
+    # ε = 0, so the output is grad_fn at the unperturbed params: 2 w, exactly.
+    tree_allclose(out, {"w": 2 * params["w"]}, rtol=0, atol=0)
 
 
 def test_missing_grad_fn_raises_type_error():

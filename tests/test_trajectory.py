@@ -271,7 +271,7 @@ def test_checkify_reports_bad_ids_inside_jit():
     msg = err.get()
     assert msg is not None and "example ids must lie in [0, num_examples=12)" in msg
     assert "got 2 out-of-range" in msg and "[-5, 12]" in msg
-    with pytest.raises(Exception, match="num_examples=12"):
+    with pytest.raises(checkify.JaxRuntimeError, match="num_examples=12"):
         err.throw()
     err, _ = checked(state, jnp.zeros((3, 4)), jnp.array([1, 11, 0]), jnp.int32(0))
     assert err.get() is None
@@ -422,9 +422,21 @@ def single_device_reference():
     return single_device_run(traj)
 
 
-def test_single_device_reference_is_nontrivial(single_device_reference):
+def test_single_device_reference_is_nontrivial_and_matches_the_formula(single_device_reference):
     terms = [t for t, _, _ in single_device_reference]
     assert terms[:2] == [0.0, 0.0] and all(t > 0 for t in terms[2:])
+    # The fixture the multi-device tests compare against, checked independently:
+    # lag 1, start_epoch 1, every example seen once per epoch.
+    history = {}
+    for (e, ids, z), (term, grad, _) in zip(device_stream(), single_device_reference):
+        exp_term, exp_grad = 0.0, np.zeros_like(z, np.float64)
+        if e >= 1:
+            ref = np.stack([history[(int(i), e - 1)] for i in ids])
+            exp_term = WEIGHT * np.mean(np_traj_kl(z, ref, TAU))
+            exp_grad = WEIGHT / len(ids) * np_traj_kl_grad(z, ref, TAU)
+        np.testing.assert_allclose(term, exp_term, rtol=2e-5, atol=1e-7)
+        np.testing.assert_allclose(grad, exp_grad, rtol=2e-5, atol=1e-7)
+        history.update({(int(i), e): zi for i, zi in zip(ids, z)})
 
 
 def test_pmap_axis_name_matches_single_device(single_device_reference):
