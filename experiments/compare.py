@@ -30,7 +30,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 import sharpax
-from experiments import input_pipeline, training
+from experiments import input_pipeline, models, training
 from experiments.configs import cifar10_resnet18, cifar100_resnet18
 from experiments.configs import mnist as mnist_config
 from experiments.configs import mnist1d as mnist1d_config
@@ -77,7 +77,7 @@ def diagnostics_loss(s: training.Setup, state: training.TrainState, batch: dict)
         variables = {"params": params}
         if state.batch_stats:
             variables["batch_stats"] = state.batch_stats
-        logits = s.model.apply(variables, images, train=False)
+        logits, _ = models.apply_model(s.model, variables, images, train=False)
         return training.cross_entropy(logits, labels, s.num_classes, 0.0).mean()
 
     return loss_fn
@@ -138,7 +138,9 @@ def run_method(
             _bar.update(10)
             _bar.set_postfix(loss=f"{m['loss']:.3f}")
 
-        state, train_metrics = training.run_train_epoch(s, state, batches, epoch, progress)
+        state, train_metrics = training.run_train_epoch(
+            s, state, batches, epoch, None if args.quiet else progress
+        )
         jax.block_until_ready(state)
         dt = time.perf_counter() - t0
         epoch_times.append(dt)

@@ -8,7 +8,7 @@ Everything sharpness-related goes through sharpax's public API:
   discarded (the clean pass's statistics are kept, as google-research/sam does).
 * ``looksam`` / ``vsam``: ``sharpax.looksam`` / ``sharpax.vsam``. By default the
   host dispatches between two compiled step functions (SAM step / reuse step)
-  from ``sharpax.sam_due(opt_state)``; ``config.dispatch='cond'`` lets the
+  from ``sharpax.upcoming_sam_steps(opt_state)`` (see :func:`next_sam_step`); ``config.dispatch='cond'`` lets the
   transform decide on device with ``lax.cond`` instead (fine on GPU/TPU, very
   slow on XLA:CPU).
 * ``saf``: ``sharpax.saf`` per-example logit buffer, trajectory term added to
@@ -41,7 +41,6 @@ import sharpax
 from experiments import input_pipeline, models
 
 METHODS = ("sgd", "sam", "asam", "looksam", "vsam", "saf", "mesa")
-TWO_PASS = ("sam", "asam", "looksam", "vsam")
 
 
 class TrainState(NamedTuple):
@@ -130,7 +129,7 @@ def make_optimizer(
             sensitivity=tuple(v.sensitivity),
             reuse_decay=v.reuse_decay,
             max_reuse=v.max_reuse,
-            warmup_steps=v.warmup_steps,
+            warmup_steps=round(v.warmup_epochs * steps_per_epoch),
             seed=config.seed,
         )
     else:
@@ -173,7 +172,12 @@ def _variables(params, batch_stats):
 
 
 def make_step_fns(setup_args: dict) -> tuple[Callable, Callable]:
-    """Builds ``train_step(state, batch, epoch, sam_step)`` and ``eval_step(state, batch)``."""
+    """Builds ``train_step(state, batch, epoch, sam_step, teacher=True)`` and ``eval_step``.
+
+    ``sam_step`` (static): LookSAM/vSAM's host-dispatched branch, or None.
+    ``teacher`` (static, MESA only): False drops the EMA teacher's forward pass,
+    valid before ``mesa.start_epoch`` where the MESA term is 0 anyway.
+    """
     model = setup_args["model"]
     tx = setup_args["tx"]
     traj = setup_args["traj"]
@@ -183,20 +187,27 @@ def make_step_fns(setup_args: dict) -> tuple[Callable, Callable]:
     method = config.method
 
     def forward(params, batch_stats, images, rng, train=True):
-        variables = _variables(params, batch_stats)
-        if train:
-            logits, mutated = model.apply(
-                variables, images, train=True, mutable=["batch_stats"], rngs={"dropout": rng}
-            )
-            return logits, mutated.get("batch_stats", batch_stats)
-        return model.apply(variables, images, train=False), batch_stats
+        logits, new_state = models.apply_model(
+            model,
+            _variables(params, batch_stats),
+            images,
+            train=train,
+            rngs={"dropout": rng} if train else None,
+        )
+        return logits, new_state.get("batch_stats", batch_stats)
 
     def task_loss(params, batch_stats, batch, rng):
         logits, new_stats = forward(params, batch_stats, batch["image"], rng)
         loss = cross_entropy(logits, batch["label"], num_classes, smoothing).mean()
         return loss, (logits, new_stats)
 
-    def train_step(state: TrainState, batch: dict, epoch: jax.Array, sam_step: bool | None):
+    def train_step(
+        state: TrainState,
+        batch: dict,
+        epoch: jax.Array,
+        sam_step: bool | None,
+        teacher: bool = True,
+    ):
         rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
 
         if method == "saf":
@@ -205,6 +216,14 @@ def make_step_fns(setup_args: dict) -> tuple[Callable, Callable]:
                 loss, (logits, new_stats) = task_loss(params, state.batch_stats, batch, rng)
                 term, new_traj = traj.update(state.traj, logits, batch["id"], epoch)
                 return loss + term, (loss, term, logits, new_stats, new_traj)
+
+        elif method == "mesa" and not teacher:
+            # Before mesa.start_epoch the term is 0: skip the teacher's forward pass
+            # (the host picks this step function; the EMA is still updated below).
+
+            def loss_fn(params):
+                loss, (logits, new_stats) = task_loss(params, state.batch_stats, batch, rng)
+                return loss, (loss, jnp.zeros([]), logits, new_stats, state.traj)
 
         elif method == "mesa":
             ema = state.traj.ema
@@ -309,7 +328,7 @@ def setup(
     # 10.1 ms instead of 7.2 ms per ResNet-18 LookSAM SAM step on an H100).
     jit_train = jax.jit(
         train_step,
-        static_argnames=("sam_step",),
+        static_argnames=("sam_step", "teacher"),
         donate_argnums=(0,),
         keep_unused=True,
     )
@@ -436,13 +455,17 @@ def run_train_epoch(
     n = 0
     pending = []
     epoch_arr = jnp.asarray(epoch, jnp.int32)
+    # MESA: the teacher's forward pass only from start_epoch on (its term is 0 before).
+    teacher = s.config.method != "mesa" or epoch >= s.config.mesa.start_epoch
     for batch in batches:
         if s.config.method == "saf":
             # Host boundary: ids outside the real training set raise, never clamp
             # (checked against the true size, not the padded buffer).
             sharpax.check_example_ids(batch["id"], s.num_examples)
         sam_step = next_sam_step(s, state)
-        state, metrics = s.train_step(state, put_batch(s, batch), epoch_arr, sam_step=sam_step)
+        state, metrics = s.train_step(
+            state, put_batch(s, batch), epoch_arr, sam_step=sam_step, teacher=teacher
+        )
         pending.append(metrics)
         n += 1
         if progress is not None and (n % 10 == 0):

@@ -118,6 +118,41 @@ def test_train_steps_have_no_effects(method):
         assert traced.jaxpr.effects == set(), (method, sam_step, traced.jaxpr.effects)
 
 
+def test_mesa_skips_the_teacher_forward_before_start_epoch():
+    config = tiny_config("mesa")
+    config.mesa.start_epoch = 1
+    s = training.setup(config, train_size=64)
+    rng = np.random.default_rng(0)
+    batch = training.put_batch(
+        s,
+        {
+            "image": rng.normal(size=(32, *s.input_shape)).astype(np.float32),
+            "label": rng.integers(0, s.num_classes, 32).astype(np.int32),
+            "id": np.arange(32, dtype=np.int32),
+        },
+    )
+    epoch0 = jnp.asarray(0)
+    state = training.init_state(s)
+
+    def num_convs(teacher):
+        jaxpr = s.train_step.trace(state, batch, epoch0, sam_step=None, teacher=teacher).jaxpr
+        return str(jaxpr).count("conv_general_dilated")
+
+    assert num_convs(False) < num_convs(True)
+    # Before start_epoch both step functions give the same result (the term is 0).
+    with_teacher, m1 = s.train_step(training.init_state(s), batch, epoch0, sam_step=None)
+    without, m2 = s.train_step(training.init_state(s), batch, epoch0, sam_step=None, teacher=False)
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(with_teacher), jax.device_get(without))
+    assert float(m1["traj_term"]) == float(m2["traj_term"]) == 0.0
+    # The epoch loop picks the teacher-less step exactly before start_epoch.
+    calls = []
+    step = s.train_step
+    s.train_step = lambda *a, **kw: calls.append(kw["teacher"]) or step(*a, **kw)
+    for epoch in (0, 1):
+        state, _ = training.run_train_epoch(s, state, [jax.device_get(batch)] * 2, epoch)
+    assert calls == [False, False, True, True]
+
+
 @pytest.mark.parametrize("method", ["looksam", "vsam"])
 def test_sam_step_reuses_every_donated_state_buffer(method):
     # The SAM step overwrites the cached direction without reading it; unless the

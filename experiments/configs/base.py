@@ -8,7 +8,7 @@ Sources for the shared defaults:
   (the value suggested for ViTs; Becker et al. 2024 used 0.1 on CIFAR).
 * vSAM: window 50, 5 blocks, max rate 0.8 (at most 40 SAM steps a window),
   sensitivities 0.13, reuse decay 0.7 (ajiaaa/vSAM train_vsam.py defaults; its
-  first 3 epochs are all SAM steps, see ``vsam.warmup_steps`` in the CIFAR
+  first 3 epochs are all SAM steps, see ``vsam.warmup_epochs`` in the CIFAR
   configs).
 """
 
@@ -45,7 +45,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.label_smoothing = 0.0
 
     # LookSAM / vSAM: 'host' dispatches between two compiled steps from
-    # sharpax.sam_due(opt_state); 'cond' decides on device with lax.cond.
+    # sharpax.upcoming_sam_steps(opt_state); 'cond' decides on device with lax.cond.
     c.dispatch = "host"
 
     c.sam = ml_collections.ConfigDict(dict(rho=0.05, eta=0.01))
@@ -58,7 +58,7 @@ def get_base_config() -> ml_collections.ConfigDict:
             sensitivity=(0.13, 0.13),
             reuse_decay=0.7,
             max_reuse=6,
-            warmup_steps=0,
+            warmup_epochs=0,  # all SAM steps for this many epochs (steps derived at setup)
         )
     )
     c.saf = ml_collections.ConfigDict(
@@ -110,7 +110,7 @@ def cifar_config(dataset: str, model: str, arg: str | None) -> ml_collections.Co
     c.model = model
     if model.startswith("resnet"):
         c.model_kwargs.stem = "cifar"
-    c.vsam.warmup_steps = 3 * (50_000 // c.batch_size)
+    c.vsam.warmup_epochs = 3
     return finalize(c, method, runlocal)
 
 
