@@ -11,7 +11,7 @@ functions are compiled first; then ``--rounds`` rounds each run ``--steps``
 steps of every method in turn (interleaved, so machine noise hits all methods
 alike). Reported: median step time, throughput relative to SGD, the measured
 SAM-step fraction, XLA's compiled memory footprint of the step (arguments +
-temporaries), device peak memory where the backend reports it, and the SAF
+temporaries + outputs), device peak memory where the backend reports it, and the SAF
 buffer's bytes at the dataset's full size.
 
 For vSAM the reuse steps and SAM steps are timed separately (median each; each
@@ -81,7 +81,10 @@ def build(method: str, args, train_size: int):
         )
         s.tx = tx
         s.train_step = jax.jit(
-            train_step, static_argnames=("sam_step",), donate_argnums=(0,), keep_unused=True
+            train_step,
+            static_argnames=("sam_step", "teacher"),
+            donate_argnums=(0,),
+            keep_unused=True,
         )
     return config, s
 
