@@ -46,6 +46,25 @@ def _as_epoch(epoch: Any, owner: str) -> jax.Array:
     return jnp.asarray(epoch).astype(jnp.int32)
 
 
+def _check_end_epoch(end_epoch: Any, start_epoch: int, owner: str) -> int | None:
+    """``None`` (the term never ends) or an int epoch after ``start_epoch``."""
+    if end_epoch is None:
+        return None
+    end_epoch = _common.check_int("end_epoch", end_epoch, low=0)
+    if end_epoch <= start_epoch:
+        raise ValueError(
+            f"sharpax.{owner}: end_epoch ({end_epoch}) must be greater than start_epoch "
+            f"({start_epoch}), or None for a term that never ends."
+        )
+    return end_epoch
+
+
+def _term_active(epoch: jax.Array, start_epoch: int, end_epoch: int | None) -> jax.Array:
+    """``start_epoch <= epoch < end_epoch`` (no upper bound for ``end_epoch=None``)."""
+    active = epoch >= start_epoch
+    return active if end_epoch is None else active & (epoch < end_epoch)
+
+
 def _check_logits_2d(logits: Any, num_classes: int | None, owner: str):
     shape = jnp.shape(logits)
     if len(shape) != 2:
@@ -260,6 +279,7 @@ def saf(
     *,
     lag: int = 3,
     start_epoch: int = 5,
+    end_epoch: int | None = None,
     temperature: float = 5.0,
     weight: float = 0.3,
     dtype: Any = jnp.float32,
@@ -277,8 +297,11 @@ def saf(
     where the mean runs over the examples whose buffer entry was actually written
     at epoch ``e − lag`` (never-written or stale entries are *excluded*, never
     treated as zero logits; no such entry gives ``term = 0``), and ``term = 0``
-    while ``e < start_epoch``. ``e >= start_epoch`` with ``e`` from 0 is the paper's
-    ``e > E_start`` with ``e`` from 1. Then the batch's logits
+    while ``e < start_epoch`` and, if ``end_epoch`` is set, from ``e >= end_epoch``
+    on. ``e >= start_epoch`` with ``e`` from 0 is the paper's ``e > E_start`` with
+    ``e`` from 1, and the authors' ``epoch > kl_start_epoch`` with ``epoch`` from 0
+    is ``start_epoch = kl_start_epoch + 1``. The buffer is written in every epoch,
+    active or not. Then the batch's logits
     (``stop_gradient``) are written to slot ``e mod (lag + 1)`` of their rows,
     stamped with ``e``. If an id occurs twice in a batch, its last occurrence is
     stored.
@@ -334,6 +357,8 @@ def saf(
       lag: ``E̅`` in the paper; the reference is the example's logits from ``lag``
         epochs earlier. The buffer keeps ``lag + 1`` slots.
       start_epoch: first epoch (from 0) with a non-zero term.
+      end_epoch: first epoch (from 0) at which the term is 0 again (the
+        authors' ``--kl_end_epoch``); None (default): the term never ends.
       temperature: ``τ`` of :func:`trajectory_kl`.
       weight: ``λ``, the multiplier of the mean trajectory KL.
       dtype: floating dtype of the buffer (``jnp.float32`` or ``jnp.bfloat16``).
@@ -369,6 +394,7 @@ def saf(
     num_classes = _common.check_positive_int("num_classes", num_classes)
     lag = _common.check_positive_int("lag", lag)
     start_epoch = _common.check_int("start_epoch", start_epoch, low=0)
+    end_epoch = _check_end_epoch(end_epoch, start_epoch, "saf")
     _check_positive_float("temperature", temperature)
     _common.check_non_negative("weight", weight, schedule=False)
     if not isinstance(debug_checks, bool):
@@ -489,7 +515,7 @@ def saf(
             # that pmean over devices gives the full-batch gradient.
             share = weight * n_dev * local_num / denom
             term = share + jax.lax.stop_gradient(weight * global_num / denom - share)
-        term = jnp.where(epoch >= start_epoch, term, 0.0)
+        term = jnp.where(_term_active(epoch, start_epoch, end_epoch), term, 0.0)
         # A bad id anywhere in the (global) batch poisons the value *and* the gradient
         # of every used logit, whatever the epoch: NaN · sum = NaN with d/dz = NaN.
         # Otherwise the added 0 · sum is exactly 0 (value and gradient).
@@ -544,18 +570,26 @@ class MESA(NamedTuple):
       loss: ``loss(logits, ema_logits, epoch, *, where=None) -> term``.
       start_epoch: the ``start_epoch`` given to :func:`mesa` (:func:`with_mesa`
         skips the teacher's forward pass for a Python int epoch before it).
+      end_epoch: the ``end_epoch`` given to :func:`mesa` (None: never ends;
+        :func:`with_mesa` skips the teacher from it on, for a Python int epoch).
     """
 
     init: Callable[[Any], MESAState]
     update: Callable[[MESAState, Any], MESAState]
     loss: Callable[..., jax.Array]
     start_epoch: int
+    end_epoch: int | None = None
+
+    def active(self, epoch: int) -> bool:
+        """Whether the term is non-zero at Python int ``epoch`` (the teacher must run)."""
+        return self.start_epoch <= epoch and (self.end_epoch is None or epoch < self.end_epoch)
 
 
 def mesa(
     decay: _common.ScalarOrSchedule = 0.9998,
     *,
     start_epoch: int = 5,
+    end_epoch: int | None = None,
     temperature: float = 5.0,
     weight: float = 0.8,
 ) -> MESA:
@@ -567,7 +601,8 @@ def mesa(
 
       ``term = weight · mean_b trajectory_kl(logits_b, ema_logits_b, τ)``
 
-    for epochs ``e >= start_epoch`` (from 0) and 0 before.
+    for epochs ``start_epoch <= e < end_epoch`` (from 0; no upper bound for
+    ``end_epoch=None``) and 0 otherwise.
 
     * ``init(variables)`` copies the model variables: pass *all* of them (params
       and non-trainable state such as batch statistics, e.g. a Flax ``variables``
@@ -589,6 +624,8 @@ def mesa(
     Args:
       decay: EMA decay in ``[0, 1]``, or a schedule of ``state.count``.
       start_epoch: first epoch (from 0) with a non-zero term.
+      end_epoch: first epoch (from 0) at which the term is 0 again; None
+        (default): never ends.
       temperature: ``τ`` of :func:`trajectory_kl`.
       weight: ``λ``, the multiplier of the mean trajectory KL.
 
@@ -609,6 +646,7 @@ def mesa(
     """
     _common.check_number("decay", decay, low=0.0, high=1.0, schedule=True)
     start_epoch = _common.check_int("start_epoch", start_epoch, low=0)
+    end_epoch = _check_end_epoch(end_epoch, start_epoch, "mesa")
     _check_positive_float("temperature", temperature)
     _common.check_non_negative("weight", weight, schedule=False)
 
@@ -660,9 +698,11 @@ def mesa(
         kl = trajectory_kl(logits, ema_logits, temperature)
         num = jnp.sum(jnp.where(mask, kl, 0.0))
         cnt = jnp.maximum(jnp.sum(mask.astype(jnp.int32)), 1).astype(jnp.float32)
-        return jnp.where(epoch >= start_epoch, weight * num / cnt, 0.0)
+        return jnp.where(_term_active(epoch, start_epoch, end_epoch), weight * num / cnt, 0.0)
 
-    return MESA(init=init_fn, update=update_fn, loss=loss_fn, start_epoch=start_epoch)
+    return MESA(
+        init=init_fn, update=update_fn, loss=loss_fn, start_epoch=start_epoch, end_epoch=end_epoch
+    )
 
 
 # --------------------------------------------------------------------------------------
@@ -774,8 +814,9 @@ def with_mesa(
     model in eval mode there (e.g. Flax ``model.apply(ema, x, train=False)``).
     The state comes back unchanged: call ``mesa.update(state, new_variables)``
     after the optimizer step. With a Python int ``epoch`` below ``start_epoch``
-    (a static argument of the jitted step) the teacher's forward pass is skipped,
-    since the term is 0 there. With a traced ``epoch`` the teacher always runs and
+    or from ``end_epoch`` on (a static argument of the jitted step) the teacher's
+    forward pass is skipped, since the term is 0 there. With a traced ``epoch``
+    the teacher always runs and
     the term is gated by ``epoch >= start_epoch`` (no ``lax.cond``: a forward pass
     inside a conditional is much slower on XLA:CPU); pass the epoch as a static
     Python int, or switch step functions at ``start_epoch``, to save the pass.
@@ -812,7 +853,6 @@ def with_mesa(
             "sharpax.with_mesa: teacher_fn must be a function (ema_variables, batch) -> "
             f"logits, got {teacher_fn!r}."
         )
-    start_epoch = teacher.start_epoch
 
     def wrapped(
         params: Any, state: MESAState, batch: Any, epoch: int | jax.Array
@@ -821,8 +861,8 @@ def with_mesa(
         logits = logits_fn(aux)
 
         _as_epoch(epoch, "with_mesa")  # validates
-        if isinstance(epoch, (int, np.integer)) and epoch < start_epoch:
-            # A Python epoch before start_epoch: the term is 0, skip the teacher.
+        if isinstance(epoch, (int, np.integer)) and not teacher.active(int(epoch)):
+            # A Python epoch outside [start_epoch, end_epoch): the term is 0, skip the teacher.
             ema_logits = jnp.zeros_like(logits)
         else:
             # A traced epoch always runs the teacher (the term gates it): a forward pass

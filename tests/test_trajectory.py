@@ -125,13 +125,13 @@ def epoch_schedule(rng, num_epochs, skip_epoch):
     return out
 
 
-def run_saf_simulation(lag, start_epoch, dtype):
+def run_saf_simulation(lag, start_epoch, dtype, end_epoch=None):
     rng = np.random.default_rng(10 + lag)
     num_epochs = 2 * lag + 3
     schedule = epoch_schedule(rng, num_epochs, skip_epoch=lag + 1)
     produced = rng.normal(size=(num_epochs, N, C)).astype(np.float32) * 3  # logits of i at e
-    traj = tr.saf(N, C, lag=lag, start_epoch=start_epoch, temperature=TAU, weight=WEIGHT,
-                  dtype=dtype)
+    traj = tr.saf(N, C, lag=lag, start_epoch=start_epoch, end_epoch=end_epoch, temperature=TAU,
+                  weight=WEIGHT, dtype=dtype)
     step = jax.jit(jax.value_and_grad(traj.update, argnums=1, has_aux=True))
     state = traj.init()
     history = {}  # (example id, epoch) -> the logits it produced then, as stored
@@ -144,7 +144,8 @@ def run_saf_simulation(lag, start_epoch, dtype):
             refs = [history.get((int(i), e - lag)) for i in ids]
             valid = np.array([r is not None for r in refs])
             exp_grad = np.zeros_like(z, np.float64)
-            if e >= start_epoch and valid.any():
+            active = e >= start_epoch and (end_epoch is None or e < end_epoch)
+            if active and valid.any():
                 ref = np.stack([r for r in refs if r is not None])
                 exp_term = WEIGHT * np.mean(np_traj_kl(z[valid], ref, TAU))
                 exp_grad[valid] = WEIGHT / valid.sum() * np_traj_kl_grad(z[valid], ref, TAU)
@@ -180,6 +181,26 @@ def test_saf_matches_history_over_shuffled_epochs(lag, start_epoch):
                 np.testing.assert_array_equal(logits[i, s], history[(i, max(epochs))])
             else:
                 assert stamps[i, s] == -1
+
+
+def test_saf_end_epoch_switches_the_term_off_and_keeps_writing():
+    # lag 1, on for epochs [1, 3) only: the authors' `kl_start_epoch < epoch < kl_end_epoch`
+    # with kl_start_epoch 0 and kl_end_epoch 3.
+    traj, state, history, num_epochs, seen = run_saf_simulation(1, 1, jnp.float32, end_epoch=3)
+    assert num_epochs == 5
+    assert any(e in (1, 2) and t > 0 for e, t, cnt in seen)
+    assert all(t == 0.0 for e, t, cnt in seen if e >= 3)
+    assert any(e >= 3 and cnt > 0 for e, t, cnt in seen)  # references existed, were ignored
+    # The buffer kept being written after the end: the last epoch's logits are stored.
+    assert int(np.max(np.asarray(state.written_epoch))) == num_epochs - 1
+
+
+@pytest.mark.parametrize("end", [0, 2, -1, 1.5])
+def test_end_epoch_must_follow_start_epoch(end):
+    with pytest.raises((ValueError, TypeError), match="end_epoch"):
+        tr.saf(4, 3, start_epoch=2, end_epoch=end)
+    with pytest.raises((ValueError, TypeError), match="end_epoch"):
+        tr.mesa(0.9, start_epoch=2, end_epoch=end)
 
 
 def test_saf_bf16_buffer_halves_memory_and_matches_history():
@@ -644,6 +665,17 @@ def test_mesa_loss_formula_gating_mask_and_stop_gradient():
     )
     np.testing.assert_allclose(gz, 0.8 / 5 * np_traj_kl_grad(z, t, TAU), rtol=1e-5, atol=1e-7)
     np.testing.assert_array_equal(gt, 0.0)
+
+
+def test_mesa_end_epoch_gates_the_term_and_the_teacher():
+    rng = np.random.default_rng(11)
+    z, t = rng.normal(size=(2, 5, 4)).astype(np.float32)
+    teacher = tr.mesa(0.9, start_epoch=1, end_epoch=3, temperature=TAU, weight=0.8)
+    on = 0.8 * np.mean(np_traj_kl(z, t, TAU))
+    terms = [float(jax.jit(teacher.loss)(z, t, jnp.int32(e))) for e in range(5)]
+    np.testing.assert_allclose(terms, [0.0, on, on, 0.0, 0.0], rtol=1e-5)
+    assert [teacher.active(e) for e in range(5)] == [False, True, True, False, False]
+    assert tr.mesa(0.9, start_epoch=1).active(10**6)  # None: never ends
 
 
 # ------------------------------------------------------------------------------------------------
