@@ -183,6 +183,26 @@ def zeros_f32_like(params: Any) -> Any:
     return jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), at_least_f32(jnp.result_type(p))), params)
 
 
+def resolve_mask(mask: Any, params: Any, owner: str, name: str) -> Any:
+    """``mask`` (a pytree of Python bools like ``params``, or a function of the params) or None."""
+    if mask is None:
+        return None
+    mask = mask(params) if callable(mask) else mask
+    try:
+        leaves = jax.tree.leaves(jax.tree.map(lambda m, _: m, mask, params))
+    except ValueError as err:
+        raise ValueError(
+            f"sharpax.{owner}: {name} must have the structure of the params with a Python bool "
+            f"per leaf: {err}"
+        ) from None
+    if not all(isinstance(m, (bool, np.bool_)) for m in leaves):
+        raise TypeError(
+            f"sharpax.{owner}: {name} leaves must be Python bools (static), got "
+            f"{[type(m).__name__ for m in leaves]}."
+        )
+    return mask
+
+
 def _safe_scale(rho: Any, norm: jax.Array, eps: Any) -> jax.Array:
     """rho / (norm + eps), and 0 for a zero norm even when eps underflows (float16 hyperparams)."""
     positive = norm > 0
@@ -197,23 +217,33 @@ def perturbation(
     adaptive: bool = False,
     eta: jax.Array | float = 0.01,
     eps: jax.Array | float = 1e-12,
+    adaptive_mask: Any = None,
 ) -> Any:
     """SAM's ascent step ε(w).
 
     Plain (Foret et al. 2021): ε = ρ · g / (‖g‖₂ + eps).
-    Adaptive (ASAM, Kwon et al. 2021): T = |w| + η, ε = ρ · T² g / (‖T g‖₂ + eps).
-    Norms are global over the pytree and computed in float32; ε has the
-    params' dtypes. A zero ``ascent`` gives ε = 0 (no NaN).
+    Adaptive (ASAM, Kwon et al. 2021): T = |w| + η, ε = ρ · T² g / (‖T g‖₂ + eps);
+    leaves where ``adaptive_mask`` (a resolved pytree of bools, or None for all
+    leaves) is False get T = 1. Norms are global over the pytree and computed in
+    float32; ε has the params' dtypes. A zero ``ascent`` gives ε = 0 (no NaN).
     """
     if adaptive:
+        if adaptive_mask is None:
+            adaptive_mask = jax.tree.map(lambda _: True, params)
+
+        def t_times(x, w, m):  # T · x, with T = 1 on leaves outside the mask
+            return x * (jnp.abs(w.astype(F32)) + eta) if m else x
+
         scaled = jax.tree.map(
-            lambda g, w: (jnp.abs(w.astype(F32)) + eta) * g.astype(F32), ascent, params
+            lambda g, w, m: t_times(g.astype(F32), w, m), ascent, params, adaptive_mask
         )
         scale = _safe_scale(rho, global_norm(scaled), eps)
+        # (scale · T) · (T g): the same order of operations as before the mask existed.
         return jax.tree.map(
-            lambda tg, w: (scale * (jnp.abs(w.astype(F32)) + eta) * tg).astype(w.dtype),
+            lambda tg, w, m: (t_times(scale, w, m) * tg).astype(w.dtype),
             scaled,
             params,
+            adaptive_mask,
         )
     scale = _safe_scale(rho, global_norm(ascent), eps)
     return jax.tree.map(lambda g, w: (scale * g.astype(F32)).astype(w.dtype), ascent, params)
@@ -229,6 +259,7 @@ def sam_gradient(
     eta: jax.Array | float = 0.01,
     eps: jax.Array | float = 1e-12,
     axis_name: str | None = None,
+    adaptive_mask: Any = None,
 ) -> Any:
     """The SAM gradient ``grad_fn(w + ε)`` in the dtypes of ``grads``.
 
@@ -238,5 +269,7 @@ def sam_gradient(
     :func:`sharpax.sam`, :func:`sharpax.looksam` and :func:`sharpax.vsam`.
     """
     ascent = maybe_pmean(grads, axis_name)
-    eps_tree = perturbation(ascent, params, rho, adaptive=adaptive, eta=eta, eps=eps)
+    eps_tree = perturbation(
+        ascent, params, rho, adaptive=adaptive, eta=eta, eps=eps, adaptive_mask=adaptive_mask
+    )
     return optax.tree.cast_like(grad_fn(optax.apply_updates(params, eps_tree)), grads)

@@ -391,22 +391,7 @@ def _masked_norm(tree: Any, mask: Any) -> jax.Array:
 
 
 def _resolve_mask(stat_mask: Any, params: Any) -> Any:
-    if stat_mask is None:
-        return None
-    mask = stat_mask(params) if callable(stat_mask) else stat_mask
-    try:
-        leaves = jax.tree.leaves(jax.tree.map(lambda m, _: m, mask, params))
-    except ValueError as err:
-        raise ValueError(
-            "sharpax.vsam: stat_mask must have the structure of the params with a Python bool "
-            f"per leaf: {err}"
-        ) from None
-    if not all(isinstance(m, (bool, np.bool_)) for m in leaves):
-        raise TypeError(
-            "sharpax.vsam: stat_mask leaves must be Python bools (static), got "
-            f"{[type(m).__name__ for m in leaves]}."
-        )
-    return mask
+    return _common.resolve_mask(stat_mask, params, "vsam", "stat_mask")
 
 
 def _schedule(c, taken, base_rate, quota, history, num_sam, ratios, vars_, key, config):

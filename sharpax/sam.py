@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -33,6 +34,7 @@ def sam(
     eta: float = 0.01,
     eps: float = 1e-12,
     axis_name: str | None = None,
+    adaptive_mask: Any | Callable[[optax.Params], Any] = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Sharpness-Aware Minimization: maps the clean gradient to the SAM gradient.
 
@@ -40,7 +42,13 @@ def sam(
     ``w + ε`` with ``ε = rho · g / (‖g‖₂ + eps)`` (global L2 norm over the whole
     pytree) and returns the gradient of the *same* mini-batch loss there,
     ``grad_fn(w + ε)``. With ``adaptive=True`` it is ASAM:
-    ``T = |w| + eta`` and ``ε = rho · T² g / (‖T g‖₂ + eps)``.
+    ``T = |w| + eta`` and ``ε = rho · T² g / (‖T g‖₂ + eps)``; ``adaptive_mask``
+    restricts the scaling to some leaves (``T = 1`` elsewhere). Deviation: by
+    default every leaf is scaled, whereas the ASAM authors' code
+    (SamsungLabs/ASAM ``asam.py``) scales only the parameters whose name
+    contains ``'weight'`` (conv and linear kernels and BatchNorm scales; biases
+    and BatchNorm offsets are perturbed unscaled) and its CIFAR example runs with
+    ``eta = 0``; pass ``adaptive_mask`` to reproduce that.
 
     Put it **first** in a chain; whatever follows (momentum, weight decay,
     learning rate) sees the SAM gradient::
@@ -89,6 +97,9 @@ def sam(
         ``optax.inject_hyperparams``.
       adaptive: if True, ASAM's scale-invariant neighbourhood.
       eta: ASAM's offset in ``T = |w| + eta``.
+      adaptive_mask: ASAM only: a pytree of Python bools with the structure of
+        the params, or a function ``params -> mask``; leaves marked False get
+        ``T = 1``. None (default): every leaf is scaled.
       eps: non-negative, added to the norm so a zero gradient gives ``ε = 0``
         (no NaN).
       axis_name: mapped axis over which to average the ascent gradient, or
@@ -123,6 +134,8 @@ def sam(
     _common.check_non_negative("rho", rho)
     _common.check_non_negative("eta", eta, schedule=False)
     _common.check_non_negative("eps", eps, schedule=False)
+    if adaptive_mask is not None and not adaptive:
+        raise ValueError("sharpax.sam: adaptive_mask applies to ASAM only; pass adaptive=True.")
 
     def init_fn(params: optax.Params) -> SAMState:
         del params
@@ -149,6 +162,7 @@ def sam(
             eta=eta,
             eps=eps,
             axis_name=axis_name,
+            adaptive_mask=_common.resolve_mask(adaptive_mask, params, "sam", "adaptive_mask"),
         )
         return sam_grads, SAMState(
             count=optax.safe_increment(state.count),

@@ -279,6 +279,67 @@ def test_asam_matches_numpy_formula(eta):
     assert np.max(np.abs(e - e_sam)) > 1e-3
 
 
+@pytest.mark.parametrize("as_function", [False, True])
+def test_asam_adaptive_mask_scales_only_the_marked_leaves(as_function):
+    """The ASAM authors' rule: T = |w| + η on 'weight' leaves, T = 1 on the others (biases)."""
+    a, b, w0 = quad_problem(seed=4)
+    rho, eta = 0.5, 0.0
+    params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), w0)
+    batch = (jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32))
+    seen = []
+
+    def grad_fn(p):
+        seen.append(p)
+        return jax.grad(quad_loss_jax)(p, batch)
+
+    mask = {"a": True, "b": False}
+    tx = sharpax.sam(rho, adaptive=True, eta=eta, adaptive_mask=(lambda p: mask) if as_function else mask)
+    tx.update(grad_fn(params), tx.init(params), params, grad_fn=grad_fn)
+    z = quad_flat(jax.tree.map(np.asarray, params)).astype(np.float64)
+    g = a @ z - b
+    t = np.concatenate([np.abs(z[:4]) + eta, np.ones(1)])  # 'b' unscaled
+    e = rho * t**2 * g / np.linalg.norm(t * g)
+    tree_allclose(seen[-1], quad_unflat(z + e))
+
+
+def test_asam_default_mask_is_bitwise_the_unmasked_formula():
+    """Old versus new: no mask, an all-True mask and the pre-mask formula agree bit for bit."""
+    rng = np.random.default_rng(3)
+    params = {"w": jnp.asarray(rng.normal(size=(3, 4)), jnp.float32), "b": jnp.asarray(rng.normal(size=4), jnp.float32)}
+    grads = jax.tree.map(lambda x: x * 0.7 - 0.1, params)
+    rho, eta, eps = 0.4, 0.01, 1e-12
+
+    @jax.jit
+    def pre_mask(g, w):  # the formula as it stood before adaptive_mask existed
+        t = lambda x: jnp.abs(x) + eta
+        scaled = jax.tree.map(lambda gi, wi: t(wi) * gi, g, w)
+        norm = jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(scaled)))
+        scale = jnp.where(norm > 0, rho / (jnp.where(norm > 0, norm, 1.0) + eps), 0.0)
+        return jax.tree.map(lambda tg, wi: scale * t(wi) * tg, scaled, w)
+
+    from sharpax import _common
+
+    for mask in (None, {"w": True, "b": True}):
+        eps_tree = jax.jit(
+            lambda g, w, m=mask: _common.perturbation(g, w, rho, adaptive=True, eta=eta, eps=eps,
+                                                      adaptive_mask=m)
+        )(grads, params)
+        for k in params:
+            np.testing.assert_array_equal(eps_tree[k], pre_mask(grads, params)[k])
+
+
+def test_adaptive_mask_errors():
+    with pytest.raises(ValueError, match="adaptive=True"):
+        sharpax.sam(0.05, adaptive_mask={"w": True})
+    params = {"w": jnp.ones(2), "b": jnp.ones(1)}
+    tx = sharpax.sam(0.05, adaptive=True, adaptive_mask={"w": True})
+    with pytest.raises(ValueError, match="adaptive_mask"):
+        tx.update(params, tx.init(params), params, grad_fn=lambda p: p)
+    tx = sharpax.sam(0.05, adaptive=True, adaptive_mask={"w": 1, "b": 0})
+    with pytest.raises(TypeError, match="adaptive_mask"):
+        tx.update(params, tx.init(params), params, grad_fn=lambda p: p)
+
+
 @pytest.mark.parametrize("use_jit", [False, True])
 def test_rho_schedule_is_evaluated_at_state_count(use_jit):
     sched = optax.linear_schedule(0.0, 0.2, transition_steps=4)
