@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import functools
 import hashlib
 import io
 import json
@@ -49,7 +50,7 @@ import os
 import random
 import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import grain
 import jax
@@ -206,6 +207,71 @@ class ArraySource:
 
     def __repr__(self) -> str:
         return f"ArraySource(num_records={len(self)}, image_shape={self.images.shape[1:]})"
+
+
+class LabelNoise(NamedTuple):
+    """The result of :func:`symmetric_label_noise`: the new source and what was flipped."""
+
+    source: ArraySource
+    flipped_ids: np.ndarray  # int64, sorted record indices whose label was changed
+    noisy_labels: np.ndarray  # the label each of ``flipped_ids`` now carries
+    clean_labels: np.ndarray  # the label it had
+
+
+def symmetric_label_noise(
+    source: ArraySource, rate: float, num_classes: int, seed: int
+) -> LabelNoise:
+    """Flips ``round(rate · N)`` training labels, each to a uniformly drawn *other* class.
+
+    Symmetric label noise as in the noisy-label experiments of Foret et al.
+    2021 (Sec. 4, CIFAR-10 with 20–80 % of the labels corrupted): the flipped
+    examples are a uniformly random subset of exactly ``round(rate · N)``
+    records, and each gets a class drawn uniformly from the ``num_classes − 1``
+    wrong ones (so every flip really changes the label). The draw depends only
+    on ``seed`` and the labels, never on the training seed: every method and
+    every training seed sees the same corrupted set. Images, record indices
+    (the SAF ids) and the test set are untouched.
+
+    Args:
+      source: an in-memory training source (``make_source(..., in_memory=True)``).
+      rate: fraction of labels to flip, in ``[0, 1)``.
+      num_classes: number of classes; labels must lie in ``[0, num_classes)``.
+      seed: seed of the flip set.
+
+    Returns:
+      A :class:`LabelNoise` with the new source and the flip set.
+
+    Example:
+      >>> import numpy as np
+      >>> from experiments import input_pipeline
+      >>> src = input_pipeline.ArraySource(np.zeros((10, 2)), np.arange(10) % 5)
+      >>> noisy = input_pipeline.symmetric_label_noise(src, 0.3, 5, seed=0)
+      >>> len(noisy.flipped_ids), bool(np.all(noisy.noisy_labels != noisy.clean_labels))
+      (3, True)
+    """
+    if not isinstance(source, ArraySource):
+        raise TypeError(
+            f"label noise needs an in-memory ArraySource (make_source(..., in_memory=True)), "
+            f"got {type(source).__name__}."
+        )
+    if not 0.0 <= rate < 1.0:
+        raise ValueError(f"label noise rate must be in [0, 1), got {rate!r}.")
+    if num_classes < 2:
+        raise ValueError(f"label noise needs at least 2 classes, got num_classes={num_classes}.")
+    labels = np.asarray(source.labels).astype(np.int64)
+    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+        raise ValueError(
+            f"labels must lie in [0, {num_classes}), found [{labels.min()}, {labels.max()}]."
+        )
+    rng = np.random.default_rng(seed)
+    n_flip = int(round(rate * labels.size))
+    ids = np.sort(rng.permutation(labels.size)[:n_flip])
+    clean = labels[ids]
+    noisy = (clean + rng.integers(1, num_classes, size=n_flip)) % num_classes
+    new_labels = labels.copy()
+    new_labels[ids] = noisy
+    noisy_source = ArraySource(source.images, new_labels.astype(source.labels.dtype))
+    return LabelNoise(noisy_source, ids, noisy, clean)
 
 
 def default_cache_dir() -> str:
@@ -493,6 +559,7 @@ def get_preprocess(
     *,
     train: bool,
     cutout_size: int = 0,
+    cutout_prob: float = 1.0,
     crop_padding: int = 4,
     image_size: int = 224,
 ) -> Preprocess:
@@ -510,6 +577,9 @@ def get_preprocess(
       name: one of :data:`DATASET_NAMES`.
       train: training (augmented) or evaluation preprocessing.
       cutout_size: CIFAR only: side of the cutout square (0: no cutout).
+      cutout_prob: CIFAR only: probability of applying the cutout to an image
+        (the vSAM authors' ``Cutout(size=16, p=0.5)``); at 1 no extra random
+        number is drawn.
       crop_padding: CIFAR only: padding of the random crop.
       image_size: ImageNet only: output side.
 
@@ -518,6 +588,8 @@ def get_preprocess(
       randomness from that generator (the pipeline seeds it per example).
     """
     _check_name(name)
+    if not 0.0 <= cutout_prob <= 1.0:
+        raise ValueError(f"cutout_prob must be in [0, 1], got {cutout_prob!r}.")
     if cutout_size < 0 or crop_padding < 0:
         raise ValueError(
             f"cutout_size and crop_padding must be >= 0, got {cutout_size}, {crop_padding}."
@@ -532,10 +604,11 @@ def get_preprocess(
             if train:
                 image = random_crop_flip(image, rng, crop_padding)
             x = normalize(image, mean, std)
-            if train and cutout_size:
+            if train and cutout_size and (cutout_prob == 1.0 or rng.random() < cutout_prob):
                 x = cutout(x, rng, cutout_size)
             return x
 
+        cifar.uses_rng = train
         return cifar
     if name == "imagenet2012":
 
@@ -546,6 +619,7 @@ def get_preprocess(
                 image = resize_center_crop(record["image"], image_size)
             return normalize(image, IMAGENET_MEAN, IMAGENET_STD)
 
+        imagenet.uses_rng = train
         return imagenet
     if name == "mnist":
 
@@ -553,18 +627,34 @@ def get_preprocess(
             del rng
             return normalize(record["image"], MNIST_MEAN, MNIST_STD)
 
+        mnist.uses_rng = False
         return mnist
 
     def mnist1d(record: Record, rng: np.random.Generator) -> np.ndarray:
         del rng
         return np.asarray(record["image"], np.float32)
 
+    mnist1d.uses_rng = False
     return mnist1d
 
 
 def _as_float32(record: Record, rng: np.random.Generator) -> np.ndarray:
     del rng
     return np.asarray(record["image"], np.float32)
+
+
+_as_float32.uses_rng = False
+
+
+def _rng_for(preprocess: Preprocess, seed: int, epoch: int, example_id: int):
+    """``example_rng(...)``, or None for a preprocess marked ``uses_rng = False``.
+
+    Building a ``numpy`` Generator per example costs more than the whole
+    preprocessing of MNIST-1D; the ones here that draw nothing say so.
+    """
+    if getattr(preprocess, "uses_rng", True):
+        return example_rng(seed, epoch, example_id)
+    return None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -574,6 +664,26 @@ def _as_float32(record: Record, rng: np.random.Generator) -> np.ndarray:
 # Distinct first words of the SeedSequence entropy of each random stream.
 _SHUFFLE_STREAM = 0x5348
 _AUGMENT_STREAM = 0x4155
+
+
+# Small sources: the epoch's permutation as an array, cached, so that several runs of the
+# same seed in one process (compare's methods) read grain's shuffle once per epoch.
+_CACHED_PERMUTATION_MAX_EXAMPLES = 200_000
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_permutation(n: int, seed: int, epoch: int) -> np.ndarray:
+    shuffled = grain.MapDataset.range(n).shuffle(seed=_epoch_shuffle_seed(seed, epoch))
+    out = np.fromiter((shuffled[i] for i in range(n)), np.int64, count=n)
+    out.flags.writeable = False
+    return out
+
+
+def _epoch_permutation(n: int, seed: int, epoch: int):
+    """Position -> record index of the epoch: grain's global shuffle seeded by ``(seed, epoch)``."""
+    if n <= _CACHED_PERMUTATION_MAX_EXAMPLES:
+        return _cached_permutation(n, seed, epoch)
+    return grain.MapDataset.range(n).shuffle(seed=_epoch_shuffle_seed(seed, epoch))
 
 
 def _epoch_shuffle_seed(seed: int, epoch: int) -> int:
@@ -657,15 +767,16 @@ def train_dataset(
     if steps == 0:
         raise ValueError(f"batch_size ({batch_size}) is larger than the source ({n} examples).")
     preprocess = preprocess or _as_float32
-    permutation = grain.MapDataset.range(n).shuffle(seed=_epoch_shuffle_seed(seed, epoch))
+    permutation = _epoch_permutation(n, seed, epoch)
 
     def global_id(j: int) -> int:
         step, k = divmod(j, local)
         return int(permutation[step * batch_size + index * local + k])
 
+
     def load(example_id: int) -> dict[str, Any]:
         record = source[example_id]
-        image = preprocess(record, example_rng(seed, epoch, example_id))
+        image = preprocess(record, _rng_for(preprocess, seed, epoch, example_id))
         return {"image": image, "label": record["label"], "id": example_id}
 
     return (
@@ -699,10 +810,10 @@ def eval_dataset(
         example_id = step * batch_size + index * local + k
         if example_id < n:
             record = source[example_id]
-            image = preprocess(record, example_rng(0, 0, example_id))
+            image = preprocess(record, _rng_for(preprocess, 0, 0, example_id))
             return {"image": image, "label": record["label"], "id": example_id, "mask": True}
         # Padding: shaped like a real example, but zero and masked out.
-        image = preprocess(source[0], example_rng(0, 0, 0))
+        image = preprocess(source[0], _rng_for(preprocess, 0, 0, 0))
         return {"image": np.zeros_like(image), "label": 0, "id": -1, "mask": False}
 
     return grain.MapDataset.range(steps * local).map(load).batch(local, batch_fn=_collate)

@@ -422,3 +422,90 @@ def test_mnist1d_built_offline_and_cached(tmp_path, monkeypatch):
         ip.load_mnist1d(tmp_path, num_sample=10)
     with pytest.raises(ValueError, match="splits"):
         ip.make_source("mnist1d", "validation", cache_dir=tmp_path)
+
+
+# ------------------------------------------------------------------------------------------------
+# Label noise, cutout probability, the epoch permutation cache
+# ------------------------------------------------------------------------------------------------
+
+
+def test_symmetric_label_noise_flips_exactly_the_rate_to_other_classes():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 10, 1000).astype(np.int32)
+    src = ip.ArraySource(np.arange(1000)[:, None].astype(np.float32), labels)
+    out = ip.symmetric_label_noise(src, 0.3, 10, seed=4)
+    new = out.source.labels
+    changed = np.flatnonzero(new != labels)
+    np.testing.assert_array_equal(changed, out.flipped_ids)  # every flip changes the label
+    assert len(changed) == 300 and new.dtype == labels.dtype
+    np.testing.assert_array_equal(new[changed], out.noisy_labels)
+    np.testing.assert_array_equal(labels[changed], out.clean_labels)
+    np.testing.assert_array_equal(out.source.images, src.images)  # images and ids untouched
+    # Roughly uniform over the 9 wrong classes: offsets (noisy - clean) mod 10 in 1..9.
+    offsets = np.bincount((out.noisy_labels - out.clean_labels) % 10, minlength=10)
+    assert offsets[0] == 0 and offsets[1:].min() > 15
+    # The flip set depends on the noise seed only.
+    again = ip.symmetric_label_noise(src, 0.3, 10, seed=4)
+    np.testing.assert_array_equal(again.flipped_ids, out.flipped_ids)
+    other = ip.symmetric_label_noise(src, 0.3, 10, seed=5)
+    assert not np.array_equal(other.flipped_ids, out.flipped_ids)
+    assert len(ip.symmetric_label_noise(src, 0.0, 10, seed=4).flipped_ids) == 0
+
+
+def test_symmetric_label_noise_rejects_bad_input():
+    src = ip.ArraySource(np.zeros((4, 1)), np.array([0, 1, 2, 3]))
+    with pytest.raises(ValueError, match="rate"):
+        ip.symmetric_label_noise(src, 1.0, 4, seed=0)
+    with pytest.raises(ValueError, match=r"\[0, 3\)"):
+        ip.symmetric_label_noise(src, 0.5, 3, seed=0)
+    with pytest.raises(TypeError, match="ArraySource"):
+        ip.symmetric_label_noise([{"image": 0, "label": 0}], 0.5, 3, seed=0)
+
+
+def test_cutout_probability():
+    image = np.full((32, 32, 3), 128, np.uint8)
+    record = {"image": image, "label": 0}
+    hits = []
+    for i in range(200):
+        prep = ip.get_preprocess("cifar10", train=True, cutout_size=16, cutout_prob=0.5)
+        x = prep(record, ip.example_rng(0, 0, i))
+        hits.append(bool(np.any(x == 0.0)))
+    assert 70 < sum(hits) < 130  # about half
+    # cutout_prob=1 draws no extra number: the same output as before the option existed.
+    a = ip.get_preprocess("cifar10", train=True, cutout_size=8)(record, ip.example_rng(0, 0, 1))
+    rng = ip.example_rng(0, 0, 1)
+    b = ip.cutout(ip.normalize(ip.random_crop_flip(image, rng), ip.CIFAR10_MEAN, ip.CIFAR10_STD), rng, 8)
+    np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="cutout_prob"):
+        ip.get_preprocess("cifar10", train=True, cutout_prob=1.5)
+
+
+def test_epoch_permutation_cache_matches_grain_shuffle():
+    import grain
+
+    n = 37
+    cached = ip._epoch_permutation(n, 3, 2)
+    shuffled = grain.MapDataset.range(n).shuffle(seed=ip._epoch_shuffle_seed(3, 2))
+    np.testing.assert_array_equal(cached, [shuffled[i] for i in range(n)])
+    assert not cached.flags.writeable
+    big = ip._epoch_permutation(ip._CACHED_PERMUTATION_MAX_EXAMPLES + 1, 3, 2)
+    assert not isinstance(big, np.ndarray)  # large sources are not materialised
+
+
+def test_preprocess_without_randomness_gets_no_generator():
+    seen = []
+
+    def spy(record, rng):
+        seen.append(rng)
+        return np.asarray(record["image"], np.float32)
+
+    src = ip.ArraySource(np.zeros((8, 2), np.float32), np.arange(8) % 2)
+    list(ip.train_batches(src, 0, 4, 0, preprocess=spy))
+    assert all(isinstance(r, np.random.Generator) for r in seen)  # unmarked: always a generator
+    spy.uses_rng = False
+    seen.clear()
+    list(ip.train_batches(src, 0, 4, 0, preprocess=spy))
+    assert seen and all(r is None for r in seen)
+    assert ip.get_preprocess("mnist1d", train=True).uses_rng is False
+    assert ip.get_preprocess("cifar10", train=True).uses_rng is True
+    assert ip.get_preprocess("cifar10", train=False).uses_rng is False
