@@ -58,6 +58,7 @@ def make_config(method: str, args) -> object:
     c.saf.start_epoch = 0
     c.mesa.start_epoch = 0
     c.vsam.window = args.vsam_window
+    c.vsam.warmup_epochs = 0  # time the schedule's own SAM and reuse steps, not a warm-up
     c.vsam.blocks = 5 if args.vsam_window % 10 == 0 else 2
     return c
 

@@ -494,21 +494,27 @@ class ViT(nn.Module):
 
 
 class MnistCNN(nn.Module):
-    """The flax ``examples/mnist`` CNN: conv32-pool-conv64-pool-dense256-dense (824k params)."""
+    """The flax ``examples/mnist`` CNN: conv32-pool-conv64-pool-dense256-dense (824k params).
+
+    ``features`` and ``hidden`` change the two convs' channels and the hidden
+    layer's width (e.g. ``features=(16, 32), hidden=128`` for a CPU-sized CIFAR
+    net).
+    """
 
     num_classes: int = 10
+    features: Sequence[int] = (32, 64)
+    hidden: int = 256
     dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         del train  # No BatchNorm or dropout.
         x = jnp.asarray(x, self.dtype)
-        x = nn.relu(nn.Conv(32, (3, 3), dtype=self.dtype)(x))
-        x = nn.avg_pool(x, (2, 2), strides=(2, 2))
-        x = nn.relu(nn.Conv(64, (3, 3), dtype=self.dtype)(x))
-        x = nn.avg_pool(x, (2, 2), strides=(2, 2))
+        for f in self.features:
+            x = nn.relu(nn.Conv(f, (3, 3), dtype=self.dtype)(x))
+            x = nn.avg_pool(x, (2, 2), strides=(2, 2))
         x = x.reshape(x.shape[0], -1)
-        x = nn.relu(nn.Dense(256, dtype=self.dtype)(x))
+        x = nn.relu(nn.Dense(self.hidden, dtype=self.dtype)(x))
         return _logits(nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x))
 
 
@@ -700,3 +706,80 @@ def _size(leaf: Any) -> int:
     for d in leaf.shape:
         n *= int(d)
     return n
+
+
+def param_order(model: nn.Module, input_shape: Sequence[int]) -> list[tuple[str, ...]]:
+    """Paths of the model's parameter tensors in the order the layers create them.
+
+    ``jax.tree`` flattens dicts in sorted-key order (``BasicBlock_10`` before
+    ``BasicBlock_2``, ``head`` before ``stem_conv``), which is not the layer
+    order; Flax builds its ``params`` dict in creation order, i.e. the order of
+    the forward pass, as PyTorch's ``model.parameters()`` follows registration
+    order. The order is read at trace time under ``jax.eval_shape`` (nothing is
+    allocated).
+
+    Example:
+      >>> from experiments import models
+      >>> model = models.get_model('mnist1d_mlp', num_classes=10)
+      >>> models.param_order(model, (40,))[-2:]
+      [('head', 'kernel'), ('head', 'bias')]
+    """
+    order: list[tuple[str, ...]] = []
+
+    def walk(tree: Mapping, prefix: tuple[str, ...]) -> None:
+        for k, v in tree.items():
+            if isinstance(v, Mapping):
+                walk(v, (*prefix, k))
+            else:
+                order.append((*prefix, k))
+
+    def init(rng, x):
+        variables = model.init(rng, x, train=False)
+        walk(variables["params"], ())  # trace time: dicts still in creation order
+        return variables
+
+    jax.eval_shape(init, jax.random.key(0), jnp.zeros((1, *input_shape), jnp.float32))
+    return order
+
+
+def _path_keys(path: Sequence[Any]) -> tuple[str, ...]:
+    return tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+
+
+def last_tensors_mask(
+    model: nn.Module, input_shape: Sequence[int], num_tensors: int
+) -> Callable[[Any], Any]:
+    """``params -> mask`` marking the last ``num_tensors`` parameter tensors in layer order.
+
+    vSAM's statistics in the authors' code (``train_vsam.py --last_layer 10``)
+    use the last 10 tensors of ``model.parameters()``; for the CIFAR ResNet-18
+    these are the last block's two convs and BatchNorms, the shortcut
+    BatchNorm before it and the classifier. Pass the result as
+    ``sharpax.vsam(stat_mask=...)``.
+    """
+    order = param_order(model, input_shape)
+    if not 0 < num_tensors <= len(order):
+        raise ValueError(
+            f"num_tensors must be in [1, {len(order)}] (the model's parameter tensors), "
+            f"got {num_tensors}."
+        )
+    chosen = set(order[-num_tensors:])
+
+    def mask_fn(params: Any) -> Any:
+        return jax.tree_util.tree_map_with_path(
+            lambda path, _: _path_keys(path) in chosen, params
+        )
+
+    return mask_fn
+
+
+# Parameters the ASAM authors' code rescales: those whose PyTorch name contains 'weight'
+# (conv / linear kernels, normalisation scales, embedding tables); in Flax: these leaf names.
+ASAM_WEIGHT_LEAVES = ("kernel", "scale", "embedding")
+
+
+def asam_weights_mask(params: Any) -> Any:
+    """``params -> mask``: True on the leaves the ASAM authors scale (``ASAM_WEIGHT_LEAVES``)."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: _path_keys(path)[-1] in ASAM_WEIGHT_LEAVES, params
+    )

@@ -81,10 +81,31 @@ def train_and_evaluate(
     info = input_pipeline.get_dataset_info(config.dataset)
     train_source, test_source = (
         input_pipeline.make_source(
-            config.dataset, split, config.get("data_dir"), in_memory=config.get("in_memory", False)
+            config.dataset,
+            split,
+            config.get("data_dir"),
+            in_memory=config.get("in_memory", False),
+            mnist1d_args=config.get("mnist1d_args"),
         )
         for split in (info.train_split, info.eval_split)
     )
+    if config.get("label_noise", 0.0):
+        noisy = input_pipeline.symmetric_label_noise(
+            train_source, config.label_noise, info.num_classes, config.label_noise_seed
+        )
+        train_source = noisy.source
+        if jax.process_index() == 0:
+            with open(os.path.join(workdir, "label_noise.json"), "w") as f:
+                json.dump(
+                    {
+                        "rate": config.label_noise,
+                        "seed": config.label_noise_seed,
+                        "flipped_ids": noisy.flipped_ids.tolist(),
+                        "noisy_labels": noisy.noisy_labels.tolist(),
+                        "clean_labels": noisy.clean_labels.tolist(),
+                    },
+                    f,
+                )
     s = training.setup(config, train_size=len(train_source), mesh=mesh)
     state = training.init_state(s)
 
@@ -137,6 +158,9 @@ def train_and_evaluate(
         train_time = time.perf_counter() - t0
         bar.close()
         test_metrics = training.evaluate(s, state, training.eval_iter(config, test_source))
+        # The model EMA (MESA's teacher, or config.model_ema_horizon_epochs): what the SAF/MESA
+        # authors report when their --model-ema is on.
+        test_metrics |= training.evaluate_ema(s, state, training.eval_iter(config, test_source))
         num_sam = training.num_sam_steps(state, config.method)
         steps = train_metrics["train_steps"]
         row = {

@@ -47,7 +47,11 @@ class TrainState(NamedTuple):
     """Everything a step reads and writes; a pytree of arrays (checkpointable).
 
     ``traj`` holds the SAF buffer (``sharpax.SAFState``), the MESA EMA
-    (``sharpax.MESAState``) or an empty dict for the other methods.
+    (``sharpax.MESAState``) or an empty dict for the other methods. ``ema``
+    holds the model EMA of ``config.model_ema_horizon_epochs`` (a
+    ``sharpax.MESAState``, the same EMA as MESA's teacher) or an empty dict;
+    MESA's teacher *is* its model EMA (as in the authors' code), so MESA keeps
+    it in ``traj`` only.
     """
 
     step: jax.Array
@@ -56,6 +60,7 @@ class TrainState(NamedTuple):
     opt_state: Any
     traj: Any
     rng: jax.Array
+    ema: Any = {}
 
 
 @dataclasses.dataclass
@@ -66,6 +71,7 @@ class Setup:
     model: Any
     tx: optax.GradientTransformationExtraArgs
     traj: Any  # sharpax.saf(...) / sharpax.mesa(...) / None
+    model_ema: Any  # sharpax.mesa(decay) used as a plain EMA of the variables, or None
     mesh: Mesh
     steps_per_epoch: int
     num_classes: int
@@ -94,14 +100,29 @@ def learning_rate_schedule(config: ml_collections.ConfigDict, steps_per_epoch: i
     return optax.cosine_decay_schedule(config.learning_rate, max(total, 1))
 
 
+def _decay_mask(config: ml_collections.ConfigDict):
+    """None (decay every parameter) or timm's ``filter_bias_and_bn``: no decay on 1-D tensors."""
+    if config.get("weight_decay_on_1d", True):
+        return None
+    return lambda params: jax.tree.map(lambda p: jnp.ndim(p) > 1, params)
+
+
 def make_optimizer(
-    config: ml_collections.ConfigDict, steps_per_epoch: int
+    config: ml_collections.ConfigDict,
+    steps_per_epoch: int,
+    *,
+    vsam_stat_mask: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
-    """The base optimizer, with the method's sharpax transform first in the chain."""
+    """The base optimizer, with the method's sharpax transform first in the chain.
+
+    ``vsam_stat_mask``: the ``stat_mask`` of ``sharpax.vsam`` (see
+    ``models.last_tensors_mask``; :func:`setup` builds it from
+    ``config.vsam.stat_last_tensors``).
+    """
     lr = learning_rate_schedule(config, steps_per_epoch)
     if config.optimizer == "sgd":
         base = optax.chain(
-            optax.add_decayed_weights(config.weight_decay),
+            optax.add_decayed_weights(config.weight_decay, mask=_decay_mask(config)),
             optax.sgd(lr, momentum=config.momentum, nesterov=config.get("nesterov", False)),
         )
     elif config.optimizer == "adamw":
@@ -115,8 +136,14 @@ def make_optimizer(
     method = config.method
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
-    if method in ("sam", "asam"):
-        front = sharpax.sam(config.sam.rho, adaptive=method == "asam", eta=config.sam.eta)
+    if method == "sam":
+        front = sharpax.sam(config.sam.rho)
+    elif method == "asam":
+        a = config.asam
+        if a.scale not in ("weights", "all"):
+            raise ValueError(f"asam.scale must be 'weights' or 'all', got {a.scale!r}")
+        mask = models.asam_weights_mask if a.scale == "weights" else None
+        front = sharpax.sam(a.rho, adaptive=True, eta=a.eta, adaptive_mask=mask)
     elif method == "looksam":
         front = sharpax.looksam(config.sam.rho, k=config.looksam.k, alpha=config.looksam.alpha)
     elif method == "vsam":
@@ -130,6 +157,7 @@ def make_optimizer(
             reuse_decay=v.reuse_decay,
             max_reuse=v.max_reuse,
             warmup_steps=round(v.warmup_epochs * steps_per_epoch),
+            stat_mask=vsam_stat_mask,
             seed=config.seed,
         )
     else:
@@ -137,7 +165,33 @@ def make_optimizer(
     return optax.chain(front, base)
 
 
-def make_trajectory(config: ml_collections.ConfigDict, num_examples: int, num_classes: int):
+def ema_decay(horizon_epochs: float, steps_per_epoch: int, what: str) -> float:
+    """An EMA's decay from its horizon in epochs: ``1 − 1 / (horizon · steps_per_epoch)``.
+
+    An EMA with decay ``d`` averages over about ``1 / (1 − d)`` steps; a horizon
+    in epochs keeps that span the same when the batch size or the dataset (so
+    the steps per epoch) changes. The SAF/MESA authors' 0.9998 is a horizon of
+    5000 steps, 4.0 epochs of their ImageNet recipe (1251 steps per epoch).
+    """
+    if not horizon_epochs > 0:
+        raise ValueError(f"{what} must be positive, got {horizon_epochs!r}.")
+    steps = horizon_epochs * steps_per_epoch
+    if steps < 1:
+        raise ValueError(
+            f"{what} = {horizon_epochs} epochs is {steps:.2f} steps at {steps_per_epoch} steps "
+            "per epoch: an EMA needs a horizon of at least one step."
+        )
+    return 1.0 - 1.0 / steps
+
+
+def mesa_decay(config: ml_collections.ConfigDict, steps_per_epoch: int) -> float:
+    """MESA's EMA decay from ``config.mesa.ema_horizon_epochs`` (see :func:`ema_decay`)."""
+    return ema_decay(config.mesa.ema_horizon_epochs, steps_per_epoch, "mesa.ema_horizon_epochs")
+
+
+def make_trajectory(
+    config: ml_collections.ConfigDict, num_examples: int, num_classes: int, steps_per_epoch: int
+):
     if config.method == "saf":
         s = config.saf
         return sharpax.saf(
@@ -145,6 +199,7 @@ def make_trajectory(config: ml_collections.ConfigDict, num_examples: int, num_cl
             num_classes,
             lag=s.lag,
             start_epoch=s.start_epoch,
+            end_epoch=s.get("end_epoch"),
             temperature=s.temperature,
             weight=s.weight,
             dtype=jnp.dtype(s.dtype),
@@ -152,7 +207,11 @@ def make_trajectory(config: ml_collections.ConfigDict, num_examples: int, num_cl
     if config.method == "mesa":
         m = config.mesa
         return sharpax.mesa(
-            m.decay, start_epoch=m.start_epoch, temperature=m.temperature, weight=m.weight
+            mesa_decay(config, steps_per_epoch),
+            start_epoch=m.start_epoch,
+            end_epoch=m.get("end_epoch"),
+            temperature=m.temperature,
+            weight=m.weight,
         )
     return None
 
@@ -181,6 +240,7 @@ def make_step_fns(setup_args: dict) -> tuple[Callable, Callable]:
     model = setup_args["model"]
     tx = setup_args["tx"]
     traj = setup_args["traj"]
+    model_ema = setup_args.get("model_ema")
     config = setup_args["config"]
     num_classes = setup_args["num_classes"]
     smoothing = config.get("label_smoothing", 0.0)
@@ -258,6 +318,9 @@ def make_step_fns(setup_args: dict) -> tuple[Callable, Callable]:
         params = optax.apply_updates(state.params, updates)
         if method == "mesa":
             new_traj = traj.update(new_traj, _variables(params, new_stats))
+        new_ema = state.ema
+        if model_ema is not None:
+            new_ema = model_ema.update(state.ema, _variables(params, new_stats))
         acc = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
         metrics = {"loss": loss, "traj_term": term, "accuracy": acc}
         new_state = TrainState(
@@ -267,6 +330,7 @@ def make_step_fns(setup_args: dict) -> tuple[Callable, Callable]:
             opt_state=opt_state,
             traj=new_traj,
             rng=state.rng,
+            ema=new_ema,
         )
         return new_state, metrics
 
@@ -312,14 +376,25 @@ def setup(
     if config.get("max_steps_per_epoch"):
         steps_per_epoch = min(steps_per_epoch, config.max_steps_per_epoch)
     model = models.get_model(config.model, num_classes, **dict(config.get("model_kwargs", {})))
-    tx = make_optimizer(config, steps_per_epoch)
+    stat_mask = None
+    if config.method == "vsam" and config.vsam.get("stat_last_tensors", 0):
+        stat_mask = models.last_tensors_mask(model, input_shape, config.vsam.stat_last_tensors)
+    tx = make_optimizer(config, steps_per_epoch, vsam_stat_mask=stat_mask)
     buffer_rows = train_size
     if config.method == "saf" and config.saf.get("shard_buffer", False):
         # A buffer sharded along the example axis needs a row count divisible by
         # the devices (ImageNet's 1 281 167 is not): pad with rows no id maps to.
         buffer_rows = -(-train_size // n_dev) * n_dev
-    traj = make_trajectory(config, buffer_rows, num_classes)
-    args = dict(model=model, tx=tx, traj=traj, config=config, num_classes=num_classes)
+    traj = make_trajectory(config, buffer_rows, num_classes, steps_per_epoch)
+    model_ema = None
+    if config.get("model_ema_horizon_epochs", 0.0) and config.method != "mesa":
+        decay = ema_decay(
+            config.model_ema_horizon_epochs, steps_per_epoch, "model_ema_horizon_epochs"
+        )
+        model_ema = sharpax.mesa(decay)  # only its EMA (init/update) is used
+    args = dict(
+        model=model, tx=tx, traj=traj, model_ema=model_ema, config=config, num_classes=num_classes
+    )
     train_step, eval_step = make_step_fns(args)
 
     # keep_unused: a SAM step of LookSAM/vSAM overwrites the cached direction
@@ -338,6 +413,7 @@ def setup(
         model=model,
         tx=tx,
         traj=traj,
+        model_ema=model_ema,
         mesh=mesh,
         steps_per_epoch=steps_per_epoch,
         num_classes=num_classes,
@@ -372,6 +448,7 @@ def init_state(s: Setup) -> TrainState:
         traj = s.traj.init(_variables(params, batch_stats))
     else:
         traj = {}
+    ema = s.model_ema.init(_variables(params, batch_stats)) if s.model_ema is not None else {}
     state = TrainState(
         step=jnp.zeros([], jnp.int32),
         params=params,
@@ -379,6 +456,7 @@ def init_state(s: Setup) -> TrainState:
         opt_state=opt_state,
         traj=traj,
         rng=jax.random.key_data(state_rng),  # raw uint32 key data: checkpointable
+        ema=ema,
     )
     state = jax.device_put(state, state_shardings(s, state))
     # The step donates its state: no two leaves may share a buffer (an optimizer's
@@ -391,7 +469,10 @@ def train_iter(
 ) -> Iterator[dict]:
     """This process's batches of one training epoch (deterministic in seed and epoch)."""
     preprocess = input_pipeline.get_preprocess(
-        config.dataset, train=bool(config.get("augment", True)), cutout_size=config.get("cutout", 0)
+        config.dataset,
+        train=bool(config.get("augment", True)),
+        cutout_size=config.get("cutout", 0),
+        cutout_prob=config.get("cutout_prob", 1.0),
     )
     batches = input_pipeline.train_batches(
         source,
@@ -455,8 +536,8 @@ def run_train_epoch(
     n = 0
     pending = []
     epoch_arr = jnp.asarray(epoch, jnp.int32)
-    # MESA: the teacher's forward pass only from start_epoch on (its term is 0 before).
-    teacher = s.config.method != "mesa" or epoch >= s.config.mesa.start_epoch
+    # MESA: the teacher's forward pass only while its term is on ([start_epoch, end_epoch)).
+    teacher = s.config.method != "mesa" or s.traj.active(epoch)
     for batch in batches:
         if s.config.method == "saf":
             # Host boundary: ids outside the real training set raise, never clamp
@@ -485,6 +566,24 @@ def evaluate(s: Setup, state: TrainState, batches: Iterator[dict]) -> dict:
             totals[k] += float(o[k])
     count = max(totals["count"], 1.0)
     return {"test_loss": totals["loss_sum"] / count, "test_accuracy": totals["correct"] / count}
+
+
+def ema_variables(s: Setup, state: TrainState) -> dict | None:
+    """The model EMA's variables (MESA's teacher, or the model EMA of the config), or None."""
+    if s.config.method == "mesa":
+        return state.traj.ema
+    if s.model_ema is not None:
+        return state.ema.ema
+    return None
+
+
+def evaluate_ema(s: Setup, state: TrainState, batches: Iterator[dict]) -> dict:
+    """:func:`evaluate` of the model EMA (keys suffixed ``_ema``); ``{}`` without one."""
+    ema = ema_variables(s, state)
+    if ema is None:
+        return {}
+    ema_state = state._replace(params=ema["params"], batch_stats=ema.get("batch_stats", {}))
+    return {f"{k}_ema": v for k, v in evaluate(s, ema_state, batches).items()}
 
 
 def num_sam_steps(state: TrainState, method: str) -> int:

@@ -1,4 +1,4 @@
-"""Every public docstring example in sharpax (and experiments.stats) runs and prints what it says."""
+"""Every public docstring example in sharpax (and experiments.stats, models, input_pipeline) runs and prints what it says."""
 
 import doctest
 import importlib
@@ -10,7 +10,7 @@ import sharpax
 
 MODULES = sorted(
     m.name for m in pkgutil.iter_modules(sharpax.__path__, "sharpax.") if not m.name.startswith("sharpax._")
-) + ["experiments.stats"]
+) + ["experiments.stats", "experiments.models", "experiments.input_pipeline"]
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -22,6 +22,8 @@ def tiny_config(method: str, **overrides):
     c.max_steps_per_epoch = 5
     c.saf.start_epoch = 0
     c.mesa.start_epoch = 0
+    c.mesa.ema_horizon_epochs = 1.0  # at least a step even at 2 steps per epoch
+    c.vsam.warmup_epochs = 0
     c.looksam.k = 2
     c.vsam.window = 4
     c.vsam.blocks = 2
