@@ -252,11 +252,9 @@ def test_tiny_eps_also_matches_optax_contrib_sam():
 # ------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("eta", [0.01, 0.5])
-def test_asam_matches_numpy_formula(eta):
-    """ASAM: T = |w| + η, ε = ρ T² g / (‖T g‖ + eps); checked on ε and on the returned gradient."""
-    a, b, w0 = quad_problem(seed=2)
-    rho = 0.3
+def recording_quad(seed):
+    """The quadratic problem in float32 and a grad_fn that records the params it is called at."""
+    a, b, w0 = quad_problem(seed=seed)
     params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), w0)
     batch = (jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32))
     seen = []
@@ -265,6 +263,14 @@ def test_asam_matches_numpy_formula(eta):
         seen.append(p)
         return jax.grad(quad_loss_jax)(p, batch)
 
+    return a, b, params, seen, grad_fn
+
+
+@pytest.mark.parametrize("eta", [0.01, 0.5])
+def test_asam_matches_numpy_formula(eta):
+    """ASAM: T = |w| + η, ε = ρ T² g / (‖T g‖ + eps); checked on ε and on the returned gradient."""
+    a, b, params, seen, grad_fn = recording_quad(seed=2)
+    rho = 0.3
     tx = sharpax.sam(rho, adaptive=True, eta=eta)
     out, _ = tx.update(grad_fn(params), tx.init(params), params, grad_fn=grad_fn)
 
@@ -282,16 +288,8 @@ def test_asam_matches_numpy_formula(eta):
 @pytest.mark.parametrize("as_function", [False, True])
 def test_asam_adaptive_mask_scales_only_the_marked_leaves(as_function):
     """The ASAM authors' rule: T = |w| + η on 'weight' leaves, T = 1 on the others (biases)."""
-    a, b, w0 = quad_problem(seed=4)
+    a, b, params, seen, grad_fn = recording_quad(seed=4)
     rho, eta = 0.5, 0.0
-    params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), w0)
-    batch = (jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32))
-    seen = []
-
-    def grad_fn(p):
-        seen.append(p)
-        return jax.grad(quad_loss_jax)(p, batch)
-
     mask = {"a": True, "b": False}
     tx = sharpax.sam(rho, adaptive=True, eta=eta, adaptive_mask=(lambda p: mask) if as_function else mask)
     tx.update(grad_fn(params), tx.init(params), params, grad_fn=grad_fn)

@@ -184,6 +184,18 @@ def finalize(c: ml_collections.ConfigDict, method: str, runlocal: bool) -> ml_co
 ASAM_RHO = {"cifar10": 0.5, "cifar100": 1.0}
 
 
+def _cifar_common(dataset: str, model: str) -> ml_collections.ConfigDict:
+    """What every CIFAR recipe shares: the CIFAR stem, ASAM's radius, vSAM's last 10 tensors."""
+    c = get_base_config()
+    c.dataset = dataset
+    c.model = model
+    if model.startswith("resnet"):
+        c.model_kwargs.stem = "cifar"
+    c.asam.rho = ASAM_RHO[dataset]
+    c.vsam.stat_last_tensors = 10
+    return c
+
+
 def cifar_config(dataset: str, model: str, arg: str | None) -> ml_collections.ConfigDict:
     """A row of SAF Table 3 (CIFAR-10/100 x ResNet-18 / WRN-28-10 / PyramidNet-110).
 
@@ -197,15 +209,8 @@ def cifar_config(dataset: str, model: str, arg: str | None) -> ml_collections.Co
     vSAM: its authors' defaults (first 3 epochs all SAM steps, statistics on the
     last 10 tensors).
     """
-    method, runlocal = parse_arg(arg)
-    c = get_base_config()
-    c.dataset = dataset
-    c.model = model
-    if model.startswith("resnet"):
-        c.model_kwargs.stem = "cifar"
-    c.asam.rho = ASAM_RHO[dataset]
-    c.vsam.stat_last_tensors = 10
-    return finalize(c, method, runlocal)
+    c = _cifar_common(dataset, model)
+    return finalize(c, *parse_arg(arg))
 
 
 def vsam_cifar_config(dataset: str, model: str, arg: str | None) -> ml_collections.ConfigDict:
@@ -222,20 +227,13 @@ def vsam_cifar_config(dataset: str, model: str, arg: str | None) -> ml_collectio
     wrong classes; ``optax.smooth_labels`` spreads it over all C classes (the
     true class's target is 0.9 + 0.1/C instead of 0.9).
     """
-    method, runlocal = parse_arg(arg)
-    c = get_base_config()
-    c.dataset = dataset
-    c.model = model
-    if model.startswith("resnet"):
-        c.model_kwargs.stem = "cifar"
+    c = _cifar_common(dataset, model)
     c.learning_rate = 0.05
     c.weight_decay = 1e-3
     c.label_smoothing = 0.1
     c.cutout = 16
     c.cutout_prob = 0.5
-    c.asam.rho = ASAM_RHO[dataset]
-    c.vsam.stat_last_tensors = 10
-    return finalize(c, method, runlocal)
+    return finalize(c, *parse_arg(arg))
 
 
 def imagenet_resnet_config(model: str, arg: str | None) -> ml_collections.ConfigDict:
