@@ -555,7 +555,15 @@ def run_train_epoch(
     for m in jax.device_get(pending):
         for k in sums:
             sums[k] += float(m[k])
-    return state, {f"train_{k}": v / max(n, 1) for k, v in sums.items()} | {"train_steps": n}
+    out = {f"train_{k}": v / max(n, 1) for k, v in sums.items()} | {"train_steps": n}
+    if not np.isfinite(out["train_loss"]):
+        # A diverged run stops here (the CLI and compare exit non-zero), never trains on NaN.
+        bad = [i for i, m in enumerate(jax.device_get(pending)) if not np.isfinite(float(m["loss"]))]
+        raise FloatingPointError(
+            f"{s.config.method}: the training loss is {out['train_loss']} in epoch {epoch} "
+            f"(first non-finite step of the epoch: {bad[0] if bad else '?'}); the run diverged."
+        )
+    return state, out
 
 
 def evaluate(s: Setup, state: TrainState, batches: Iterator[dict]) -> dict:

@@ -241,3 +241,9 @@ def test_sharded_saf_buffer_pads_rows_but_ids_are_checked_against_the_true_size(
     bad = dict(batch, id=np.where(np.arange(len(batch["id"])) == 3, 4003, batch["id"]).astype(np.int32))
     with pytest.raises(ValueError, match="4003"):
         training.run_train_epoch(s, state, [bad], 0)
+
+
+def test_a_diverging_run_stops_with_an_error_naming_the_epoch(tmp_path):
+    config = tiny_config("sgd", learning_rate=1e30)
+    with pytest.raises(FloatingPointError, match="diverged"):
+        train.train_and_evaluate(config, str(tmp_path), progress=False)
