@@ -294,6 +294,10 @@ def _pm(x: float, ci: list[float], scale: float = 1.0, fmt: str = "{:.2f}") -> s
     return f"{fmt.format(scale * x)} {_interval(ci, scale, fmt)}".strip()
 
 
+def _num(x: float) -> str:
+    return f"{x:.2f}" if np.isfinite(x) else "n/a"
+
+
 def _p(p: float) -> str:
     return "n/a" if not np.isfinite(p) else ("<0.001" if p < 0.001 else f"{p:.3f}")
 
@@ -312,7 +316,7 @@ def table_markdown(rows: list[dict]) -> str:
                 f"| sgd | {_pm(r['test_acc_mean'], r['test_acc_ci95'], 100)} | (reference) | "
                 f"| 0 | {_pm(r['step_time_vs_sgd'], [np.nan] * 2)}× "
                 f"| {r['sam_step_fraction']:.2f} | {r['final_train_loss']:.4f} "
-                f"| {r['sharpness']:.4f} | {r['lambda_max']:.2f} | {r['extra_memory_mb']:.2f} MB |"
+                f"| {r['sharpness']:.4f} | {_num(r['lambda_max'])} | {r['extra_memory_mb']:.2f} MB |"
             )
             continue
         lines.append(
@@ -322,13 +326,18 @@ def table_markdown(rows: list[dict]) -> str:
             f"| {_pm(r.get('gain_share', np.nan), r.get('gain_share_ci95', [np.nan] * 2))} "
             f"| {_pm(r['step_time_vs_sgd'], r['step_time_vs_sgd_ci95'])}× "
             f"| {r['sam_step_fraction']:.2f} | {r['final_train_loss']:.4f} "
-            f"| {r['sharpness']:.4f} | {r['lambda_max']:.2f} | {r['extra_memory_mb']:.2f} MB |"
+            f"| {r['sharpness']:.4f} | {_num(r['lambda_max'])} | {r['extra_memory_mb']:.2f} MB |"
         )
     return head + "\n".join(lines) + "\n"
 
 
 def verdict(rows: list[dict], alpha: float = 0.05) -> str:
-    """What the table says, in sentences generated from it (no hand-written claims)."""
+    """What the table says, in sentences generated from it (no hand-written claims).
+
+    A method keeps "little" of SAM's gain when the whole 95 % interval of its share
+    lies below 0.5, "most" when it lies above 0.5; otherwise the interval does not
+    settle it.
+    """
     by = {r["method"]: r for r in rows}
     if "sgd" not in by or "sam" not in by:
         return "Add sgd and sam to --methods for the gain statistics.\n"
@@ -589,7 +598,8 @@ def main(argv=None) -> dict:
         "Same config (lr, batch, epochs, rho) for every method; no per-method tuning. "
         "Intervals are 95 % over seeds (Student t; Welch for differences; Fieller for the "
         "share of SAM's gain, `(acc − acc_sgd) / (acc_sam − acc_sgd)`); p is Welch's "
-        "one-sided test of 'better than SGD'. Step time is the median epoch time after the "
+        "one-sided test of 'better than SGD'; a method keeps 'little' (or 'most') of SAM's gain "
+        "when the share's whole interval lies below (above) 0.5. Step time is the median epoch time after the "
         "first (compiling) epoch, input pipeline excluded, divided by SGD's of the same seed "
         "in this process.\n\n"
         + table
