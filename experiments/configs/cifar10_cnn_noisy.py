@@ -6,7 +6,7 @@
 Meant for any TFDS ``cifar10`` (the full set, or the 10 000 / 2 000 subset in
 ``../shared/data/tfds``); sized to run on a CPU in well under an hour for all
 methods and three seeds. Our choice throughout, the same for every method: the
-flax-examples CNN narrowed to conv16-conv32-dense128 (0.28 M parameters), no
+flax-examples CNN narrowed to conv16-conv32-dense128 (0.27 M parameters), no
 augmentation (where SAM's gain is largest, Foret et al. 2021), 30 % of the
 training labels flipped to a uniformly drawn other class (flip seed 0; the test
 set is clean), 15 epochs, batch 128, SGD momentum 0.9, lr 0.05 cosine, weight

@@ -10,7 +10,7 @@ uniformly drawn other class, from ``label_noise_seed`` (the same flip set for
 every method and training seed; the test set is clean): label noise is where
 SAM's gain is largest (Foret et al. 2021, Sec. 4), and on the clean task every
 method ends within noise of SGD. The net is the MNIST-1D baseline CNN widened to
-64 channels (29 k parameters), large enough to memorise the flipped labels; SGD
+64 channels (28 k parameters), large enough to memorise the flipped labels; SGD
 does, and its test accuracy falls after its peak. How this task was chosen, by
 measurement: ``BENCHMARKS.md`` ("Choosing the demo task").
 
