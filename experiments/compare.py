@@ -278,20 +278,20 @@ def summarize(results: list[dict], methods: list[str]) -> list[dict]:
     return rows
 
 
-def _interval(ci: list[float], scale: float = 1.0, fmt: str = "{:.2f}") -> str:
+def _interval(ci: list[float], scale: float = 1.0) -> str:
     """'[lo, hi]' with '±∞' for unbounded ends; '' when the interval is undefined (nan)."""
     lo, hi = ci
     if np.isnan(lo) or np.isnan(hi):
         return ""
-    b = [("−∞" if v < 0 else "+∞") if np.isinf(v) else fmt.format(scale * v) for v in (lo, hi)]
+    b = [("−∞" if v < 0 else "+∞") if np.isinf(v) else f"{scale * v:.2f}" for v in (lo, hi)]
     return f"[{b[0]}, {b[1]}]"
 
 
-def _pm(x: float, ci: list[float], scale: float = 1.0, fmt: str = "{:.2f}") -> str:
+def _pm(x: float, ci: list[float], scale: float = 1.0) -> str:
     """'x [lo, hi]'; 'n/a' for a nan estimate."""
     if not np.isfinite(x):
         return "n/a"
-    return f"{fmt.format(scale * x)} {_interval(ci, scale, fmt)}".strip()
+    return f"{scale * x:.2f} {_interval(ci, scale)}".strip()
 
 
 def _num(x: float) -> str:

@@ -174,7 +174,9 @@ def gain_share(
     non-zero at that level (the share is then undefined), ``nan`` with fewer
     than 2 seeds in a group.
 
-    Pass the SAM runs as ``method`` to get exactly ``(1, 1, 1)``.
+    Pass the SAM runs themselves (the same object) as ``method`` to get exactly
+    ``(1, 1, 1)``: the numerator is then the denominator. Another method whose
+    accuracies merely equal SAM's gets its share 1 with Fieller's interval.
 
     Example:
       >>> from experiments import stats
@@ -189,7 +191,7 @@ def gain_share(
     ms, vs = _mean_var(s)
     num, den = mm - mg, ms - mg
     share = num / den if den != 0 else math.nan
-    if np.array_equal(m, s):
+    if method is sam:
         return Interval(1.0, 1.0, 1.0)
     if min(m.size, g.size, s.size) < 2:
         return Interval(share, math.nan, math.nan)

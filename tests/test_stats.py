@@ -100,6 +100,9 @@ def test_gain_share_of_sam_is_one_and_of_sgd_is_zero():
     g, s = [0.60, 0.61, 0.62], [0.70, 0.72, 0.71]
     assert tuple(stats.gain_share(s, g, s)) == (1.0, 1.0, 1.0)
     assert stats.gain_share(g, g, s).estimate == 0.0
+    # A different method with SAM's accuracies: share 1, but a real (non-degenerate) interval.
+    twin = stats.gain_share(list(s), g, s)
+    assert twin.estimate == pytest.approx(1.0) and twin.low < 1.0 < twin.high
 
 
 def test_gain_share_coverage_by_simulation():
