@@ -1,57 +1,64 @@
 """sharpax: cheap, composable sharpness-aware training for JAX and optax."""
 
-from sharpax.reuse import LookSAMState
-from sharpax.reuse import VSAMState
-from sharpax.reuse import looksam
-from sharpax.reuse import num_sam_steps
-from sharpax.reuse import sam_due
-from sharpax.reuse import sam_rate
-from sharpax.reuse import upcoming_sam_steps
-from sharpax.reuse import vsam
-from sharpax.sam import SAMState
-from sharpax.sam import pmean_updates
-from sharpax.sam import sam
-from sharpax.sharpness import hessian_top_eigenvalue
-from sharpax.sharpness import loss_landscape
-from sharpax.sharpness import sam_sharpness
-from sharpax.trajectory import MESA
-from sharpax.trajectory import MESAState
-from sharpax.trajectory import SAF
-from sharpax.trajectory import SAFState
-from sharpax.trajectory import TrajectoryAux
-from sharpax.trajectory import check_example_ids
-from sharpax.trajectory import mesa
-from sharpax.trajectory import saf
-from sharpax.trajectory import trajectory_kl
-from sharpax.trajectory import with_mesa
-from sharpax.trajectory import with_saf
+from sharpax import reuse_rules, schedules
+from sharpax.ae_sam import ae_sam
+from sharpax.looksam import looksam
+from sharpax.mesa import MESA, MESAState, mesa, with_mesa
+from sharpax.msam import MSAMState, msam, msam_unperturbed_params
+from sharpax.saf import SAF, SAFState, check_example_ids, saf, with_saf
+from sharpax.sam import SAMState, pmean_updates, sam
+from sharpax.scheduled import (
+    ScheduledSAMState,
+    num_sam_steps,
+    sam_due,
+    sam_rate,
+    scheduled_sam,
+    upcoming_sam_steps,
+)
+from sharpax.sharpness import hessian_top_eigenvalue, loss_landscape, sam_sharpness
+from sharpax.ss_sam import ss_sam
+from sharpax.trajectory import TrajectoryAux, trajectory_kl
+from sharpax.vsam import vsam
+
+# The states of looksam and vsam before they became scheduled_sam presets (same class now).
+LookSAMState = ScheduledSAMState
+VSAMState = ScheduledSAMState
 
 __version__ = "0.1.0"
 
 __all__ = (
+    "MESA",
+    "SAF",
     "LookSAMState",
+    "MESAState",
+    "MSAMState",
+    "SAFState",
+    "SAMState",
+    "ScheduledSAMState",
+    "TrajectoryAux",
     "VSAMState",
+    "ae_sam",
+    "check_example_ids",
+    "hessian_top_eigenvalue",
     "looksam",
+    "loss_landscape",
+    "mesa",
+    "msam",
+    "msam_unperturbed_params",
     "num_sam_steps",
+    "pmean_updates",
+    "reuse_rules",
+    "saf",
+    "sam",
     "sam_due",
     "sam_rate",
+    "sam_sharpness",
+    "scheduled_sam",
+    "schedules",
+    "ss_sam",
+    "trajectory_kl",
     "upcoming_sam_steps",
     "vsam",
-    "SAMState",
-    "pmean_updates",
-    "sam",
-    "hessian_top_eigenvalue",
-    "loss_landscape",
-    "sam_sharpness",
-    "MESA",
-    "MESAState",
-    "SAF",
-    "SAFState",
-    "TrajectoryAux",
-    "check_example_ids",
-    "mesa",
-    "saf",
-    "trajectory_kl",
     "with_mesa",
     "with_saf",
 )

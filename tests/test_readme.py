@@ -144,3 +144,10 @@ def test_sharpness_snippet_matches_the_closed_form(snapshots):
     lam = float(ns["sharpax"].hessian_top_eigenvalue(ns["batch_loss"], p, num_iters=50, key=jax.random.key(0)))
     np.testing.assert_allclose(lam, np.linalg.eigvalsh(hess).max(), rtol=1e-3)
     assert ns["curves"].shape == (4, 5)
+
+
+def test_custom_combination_respects_its_budget(snapshots):
+    ns = _after(snapshots, "sharpax.schedules.bounded(")
+    sam_steps = int(ns["sharpax"].num_sam_steps(ns["state"]))
+    assert 0 < sam_steps <= 0.3 * 200
+    assert isinstance(ns["state"][0].reuse, ns["sharpax"].reuse_rules.DecayedPSFState)

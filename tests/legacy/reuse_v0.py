@@ -1,3 +1,9 @@
+"""FROZEN COPY of sharpax at commit 7d33171 (before the schedules x reuse-rules refactor).
+
+Old-versus-new tests compare the refactored library against this code on fixed problems
+(bit for bit, decisions included). Never edit it; delete it once those tests are retired.
+"""
+# ruff: noqa
 """LookSAM and vSAM: pay for SAM's second pass on some steps, reuse its direction on the others.
 
 Both transforms sit first in an optax chain, like :func:`sharpax.sam`, and take
@@ -42,7 +48,6 @@ docstring for when the averaged output equals a single-device run on the global
 batch.
 """
 
-from __future__ import annotations
 
 import functools
 from collections.abc import Callable
@@ -53,7 +58,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from sharpax import _common
+from legacy import common_v0 as _common
 
 _F32 = _common.F32
 

@@ -1,4 +1,4 @@
-"""Tests of sharpax.looksam / sharpax.vsam against hand-written references."""
+"""Tests of the presets sharpax.looksam / sharpax.vsam against hand-written references."""
 
 import functools
 from typing import Any, NamedTuple
@@ -12,8 +12,8 @@ import pytest
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from sharpax import reuse
-from sharpax.reuse import looksam, vsam
+import sharpax
+from sharpax import _vsam_window, looksam, vsam
 from sharpax.sam import pmean_updates
 
 # ----------------------------------------------------------------------------- tiny problems
@@ -158,11 +158,11 @@ def test_full_sam_configurations_equal_two_pass_sam(make_opt):
     params = ref = mlp_init()
     state = opt.init(params)
     for t in range(steps):
-        assert bool(reuse.sam_due(state))
+        assert bool(sharpax.sam_due(state))
         params, state = step(params, state, xs[t], ys[t])
         ref = reference_sam_step(ref, xs[t], ys[t], rho, lr)
         assert_trees_close(params, ref, atol=1e-6)
-    assert int(reuse.num_sam_steps(state)) == steps
+    assert int(sharpax.num_sam_steps(state)) == steps
     assert float(jnp.abs(ref["w1"] - mlp_init()["w1"]).max()) > 1e-3  # it did move
 
 
@@ -208,7 +208,7 @@ def test_looksam_matches_numpy_formula_on_quadratic():
         np.testing.assert_allclose(np.asarray(p), ref_traj[t], rtol=1e-5, atol=1e-5)
         # The cached norm is that of the cached direction (reuse steps read only it).
         np.testing.assert_allclose(
-            float(inner(s).g_v_norm), np.linalg.norm(np.asarray(inner(s).g_v)), rtol=1e-6
+            float(inner(s).reuse.g_v_norm), np.linalg.norm(np.asarray(inner(s).reuse.g_v)), rtol=1e-6
         )
     assert int(inner(s).num_sam_steps) == 4
 
@@ -229,7 +229,7 @@ def test_looksam_zero_gradients_and_parallel_direction_no_nan():
     g = jax.tree.map(lambda x: 0.5 * x, params)
     state = opt.init(params)
     _, state = opt.update(g, state, params, grad_fn=lambda p: jax.tree.map(lambda x: 3 * x, g))
-    assert_trees_close(state.g_v, zeros, atol=1e-6)
+    assert_trees_close(state.reuse.g_v, zeros, atol=1e-6)
     out, state = opt.update(g, state, params, sam_step=False)
     assert all_finite(out)
     assert_trees_close(out, g, atol=1e-6)
@@ -261,12 +261,12 @@ def test_caches_are_float32_for_bfloat16_params():
     grad_fn = lambda p: g_s
     lk = looksam(0.05, k=2)
     state = lk.init(params)
-    assert state.g_v.dtype == jnp.float32
+    assert state.reuse.g_v.dtype == jnp.float32
     out, state = lk.update(g, state, params, grad_fn=grad_fn)
-    assert out.dtype == jnp.bfloat16 and state.g_v.dtype == jnp.float32
+    assert out.dtype == jnp.bfloat16 and state.reuse.g_v.dtype == jnp.float32
     g64, gs64 = np.array([1.0, 1.0]), np.array([3.0, 2.0**-8])
     g_v = gs64 - gs64 @ g64 / (g64 @ g64) * g64
-    np.testing.assert_array_equal(np.asarray(state.g_v), g_v)  # exact in float32
+    np.testing.assert_array_equal(np.asarray(state.reuse.g_v), g_v)  # exact in float32
     assert not np.array_equal(np.asarray(jnp.asarray(g_v, jnp.bfloat16), np.float64), g_v)
     # The reuse step: g + alpha ‖g‖/‖g_v‖ g_v, computed in float32, returned in bf16.
     out, state = lk.update(g, state, params, sam_step=False)
@@ -275,10 +275,10 @@ def test_caches_are_float32_for_bfloat16_params():
 
     vs = vsam(0.05, window=4, blocks=2)
     state = vs.init(params)
-    assert state.psf.dtype == jnp.float32
+    assert state.reuse.psf.dtype == jnp.float32
     _, state = vs.update(g, state, params, grad_fn=grad_fn, sam_step=True)
-    np.testing.assert_array_equal(np.asarray(state.psf), gs64 - g64)
-    np.testing.assert_allclose(float(state.psf_norms[-1]), np.linalg.norm(gs64 - g64), rtol=1e-6)
+    np.testing.assert_array_equal(np.asarray(state.reuse.psf), gs64 - g64)
+    np.testing.assert_allclose(float(state.schedule.psf_norms[-1]), np.linalg.norm(gs64 - g64), rtol=1e-6)
 
 
 # ----------------------------------------------------------------------------- vSAM mechanics
@@ -323,7 +323,7 @@ def test_vsam_reuse_weight_sequence(decay, max_reuse):
         np.testing.assert_allclose(np.asarray(out), g + weights[-1] * u, rtol=1e-6)
     expected = [decay**i for i in range(1, max_reuse + 1)] + [0.0] * 3
     np.testing.assert_allclose(weights, expected, rtol=1e-6)
-    assert int(state.num_sam_steps) == 1 and int(state.reuse_left) == 0
+    assert int(state.num_sam_steps) == 1 and int(state.reuse.reuse_left) == 0
     # a new SAM step resets the weight
     _, state = update(g, u, state, sam_step=True)
     out, state = update(g, u, state, sam_step=False)
@@ -351,7 +351,7 @@ def sequential_plan(u, pos, taken, quota, prob):
 
 def test_window_plan_equals_sequential_rule():
     rng = np.random.default_rng(0)
-    plan_fn = jax.jit(jax.vmap(reuse._plan_window))
+    plan_fn = jax.jit(jax.vmap(_vsam_window._plan_window))
     for w in (2, 9):
         n = 300
         u = rng.uniform(size=(n, w)).astype(np.float32)
@@ -382,15 +382,15 @@ def test_vsam_quota_met_in_every_window(vsam_setup):
     for j in range(windows):
         first = warmup + j * window
         s = states[first]  # state before the window's first step
-        assert int(s.window_pos) == 0 and int(s.taken) == 0
-        q = int(s.quota)
-        assert q == int(np.floor(float(s.base_rate)))
+        assert int(s.schedule.window_pos) == 0 and int(s.schedule.taken) == 0
+        q = int(s.schedule.quota)
+        assert q == int(np.floor(float(s.schedule.base_rate)))
         assert 1 <= q <= int(window * 0.8)
-        np.testing.assert_allclose(float(s.sam_rate), q / window, rtol=1e-6)
+        np.testing.assert_allclose(float(s.schedule.sam_rate), q / window, rtol=1e-6)
         # grad_fn ran exactly `quota` times in the window ...
         assert ran[first : first + window].sum() == q, (j, q, ran[first : first + window])
         # ... on the steps the plan made at the window start said.
-        np.testing.assert_array_equal(np.asarray(s.plan), ran[first : first + window])
+        np.testing.assert_array_equal(np.asarray(s.schedule.plan), ran[first : first + window])
         quotas.append(q)
     assert max(quotas) > 1  # the rate moved: this checked more than the minimum quota
 
@@ -416,7 +416,7 @@ def constructed_run(sensitivity, base, turn, quad, steps):
     rates = []
     for t in range(steps):
         if t >= 12 and (t - 12) % 6 == 0:
-            rates.append(float(state.base_rate))
+            rates.append(float(state.schedule.base_rate))
         state = _constructed_step(state, *sensitivity, base, turn, quad)
     return np.array(rates), state
 
@@ -458,11 +458,11 @@ def test_vsam_statistics_helpers_match_numpy():
     buf = rng.uniform(0.5, 2.0, size=10).astype(np.float32)
     buf[6] = 0.0  # a zero denominator is skipped
     for m in [0, 1, 2, 5, 10]:
-        got = float(reuse._mean_relative_change(jnp.asarray(buf), m))
+        got = float(_vsam_window._mean_relative_change(jnp.asarray(buf), m))
         pairs = [(buf[i], buf[i + 1]) for i in range(10 - m, 9) if buf[i] > 0]
         want = np.clip(np.mean([(b - a) / a for a, b in pairs]), -1, 1) if pairs else 0.0
         np.testing.assert_allclose(got, want, rtol=1e-6)
-    got = float(reuse._block_variance(jnp.asarray(buf), 5))
+    got = float(_vsam_window._block_variance(jnp.asarray(buf), 5))
     want = np.mean(np.var(np.sort(buf).reshape(5, 2), axis=1, ddof=1))
     np.testing.assert_allclose(got, want, rtol=1e-6)
 
@@ -474,7 +474,7 @@ def test_vsam_zero_gradients_no_nan():
         out, state = small_vsam_update(zeros, zeros, state, 0.7, 6, 5, sam_step=None)
         assert all_finite((out, state))
     assert int(state.num_sam_steps) == 5 + 3  # warm-up + one SAM step per window
-    assert float(state.base_rate) == 1.0
+    assert float(state.schedule.base_rate) == 1.0
 
 
 def test_vsam_stat_mask_selects_leaves():
@@ -489,8 +489,8 @@ def test_vsam_stat_mask_selects_leaves():
     ]:
         opt = vsam(window=4, blocks=2, stat_mask=mask)
         _, state = opt.update(g, opt.init(params), params, grad_fn=grad_fn, sam_step=True)
-        np.testing.assert_allclose(float(state.psf_norms[-1]), n, rtol=1e-6)
-        np.testing.assert_allclose(float(state.psf_ratios[-1]), n / gn, rtol=1e-6)
+        np.testing.assert_allclose(float(state.schedule.psf_norms[-1]), n, rtol=1e-6)
+        np.testing.assert_allclose(float(state.schedule.psf_ratios[-1]), n / gn, rtol=1e-6)
 
 
 def test_vsam_sam_step_override_is_honoured_and_quota_kept():
@@ -498,9 +498,9 @@ def test_vsam_sam_step_override_is_honoured_and_quota_kept():
     g, u = jnp.array([0.3, -0.2, 0.0]), jnp.array([0.0, 0.1, 0.5])
     update = functools.partial(small_vsam_update, g, u, decay=0.7, max_reuse=6, warmup=0)
     state = small_vsam_init()
-    assert int(state.quota) == 1
+    assert int(state.schedule.quota) == 1
     # Skip the planned SAM step: it is made up later in the window.
-    first = int(np.argmax(np.asarray(state.plan)))
+    first = int(np.argmax(np.asarray(state.schedule.plan)))
     assert first < window - 1  # (seed chosen so that there is something to make up)
     did = []
     for i in range(window):
@@ -510,8 +510,8 @@ def test_vsam_sam_step_override_is_honoured_and_quota_kept():
         did.append(int(state.num_sam_steps) - n0)
     assert did[first] == 0 and sum(did[first + 1 :]) == 1 and sum(did) == 1, did
     # Force an extra SAM step at the start of the next window: the plan drops one.
-    assert int(state.window_pos) == 0
-    q = int(state.quota)
+    assert int(state.schedule.window_pos) == 0
+    q = int(state.schedule.quota)
     did = []
     for i in range(window):
         override = True if i == 0 else bool(state.sam_due)
@@ -530,7 +530,7 @@ def test_grad_fn_not_executed_on_reuse_steps(name, request):
     CALLS["run"], CALLS["steps"] = 0, []
     traj = run_cond(setup, 14)
     jax.effects_barrier()
-    n_sam = int(reuse.num_sam_steps(traj[-1][1]))
+    n_sam = int(sharpax.num_sam_steps(traj[-1][1]))
     assert CALLS["run"] == n_sam and 0 < n_sam < 14, (CALLS, n_sam)
 
     # Static sam_step: no conditional in the program; with False grad_fn is never called.
@@ -565,13 +565,13 @@ def test_two_function_loop_equals_cond_path(name, request):
     steps = 30
     xs, ys = mlp_data(steps, seed=5)
     traj = run_cond(setup, steps, seed=5)
-    decisions_a = [bool(reuse.sam_due(s)) for _, s in traj[:-1]]
+    decisions_a = [bool(sharpax.sam_due(s)) for _, s in traj[:-1]]
     assert 0 < sum(decisions_a) < steps
 
     # Two compiled programs, the host picks one per step from sam_due.
     p, s = mlp_init(), setup.opt.init(mlp_init())
     for t in range(steps):
-        due = bool(reuse.sam_due(s))
+        due = bool(sharpax.sam_due(s))
         assert due == decisions_a[t]
         p, s = (setup.sam_fn if due else setup.reuse_fn)(p, s, xs[t], ys[t])
         assert_trees_close(p, traj[t + 1][0], atol=1e-6)
@@ -581,7 +581,7 @@ def test_two_function_loop_equals_cond_path(name, request):
     t, decisions_c, reads = 0, [], 0
     while t < steps:
         reads += 1
-        for due in reuse.upcoming_sam_steps(s):
+        for due in sharpax.upcoming_sam_steps(s):
             if t == steps:
                 break
             decisions_c.append(bool(due))
@@ -607,7 +607,7 @@ def test_vsam_jit_resume_from_saved_state_is_exact(vsam_setup):
         p, s = vsam_setup.cond_step(p, s, xs[t], ys[t])
     for a, b in zip(jax.tree.leaves((p, s)), jax.tree.leaves(full), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    assert VSAM_WARMUP < int(reuse.num_sam_steps(s)) < steps
+    assert VSAM_WARMUP < int(sharpax.num_sam_steps(s)) < steps
 
 
 # ----------------------------------------------------------------------------- data parallel
@@ -644,9 +644,13 @@ SCHEDULE_FIELDS = [
 ]
 
 
+def field(state, name):
+    return optax.tree_utils.tree_get(state, name)
+
+
 def replicas_agree(state):
     return all(
-        np.all(np.asarray(getattr(state, f)) == np.asarray(getattr(state, f))[0])
+        np.all(np.asarray(field(state, f)) == np.asarray(field(state, f))[0])
         for f in SCHEDULE_FIELDS
     )
 
@@ -677,7 +681,7 @@ def test_vsam_decisions_across_devices(mapper, axis_name):
         if axis_name:
             assert replicas_agree(state), t
         dues.append(np.asarray(state.sam_due))
-        rates.append(np.asarray(state.base_rate))
+        rates.append(np.asarray(state.schedule.base_rate))
     dues, rates = np.array(dues), np.array(rates)
     if axis_name:
         assert 0 < dues[:, 0].sum() < steps and len(np.unique(rates[:, 0])) > 1  # nontrivial
@@ -784,8 +788,8 @@ def test_vsam_data_parallel_recipe_equals_global_batch_vsam_given_its_decisions(
             state = out[t + 1][1]
             n_ref = np.linalg.norm(psf_dev, axis=1).mean()
             r_ref = (np.linalg.norm(psf_dev, axis=1) / np.linalg.norm(g, axis=1)).mean()
-            np.testing.assert_allclose(float(state.psf_norms[-1]), n_ref, rtol=1e-4)
-            np.testing.assert_allclose(float(state.psf_ratios[-1]), r_ref, rtol=1e-4)
+            np.testing.assert_allclose(float(state.schedule.psf_norms[-1]), n_ref, rtol=1e-4)
+            np.testing.assert_allclose(float(state.schedule.psf_ratios[-1]), r_ref, rtol=1e-4)
         elif left > 0:
             weight, left = weight * decay, left - 1
             update = gbar + weight * psf
@@ -796,9 +800,9 @@ def test_vsam_data_parallel_recipe_equals_global_batch_vsam_given_its_decisions(
         np.testing.assert_allclose(got, w, rtol=1e-5, atol=1e-6, err_msg=str(t))
     assert replicas_agree(final_state)
     # upcoming_sam_steps reads replica 0 of the pmapped state.
-    pos = int(final_state.window_pos[0])
+    pos = int(final_state.schedule.window_pos[0])
     np.testing.assert_array_equal(
-        reuse.upcoming_sam_steps(final_state), np.asarray(final_state.plan[0])[pos:]
+        sharpax.upcoming_sam_steps(final_state), np.asarray(final_state.schedule.plan[0])[pos:]
     )
 
 
@@ -821,28 +825,28 @@ def test_helpers_read_nested_states():
     for opt, get_inner in [(chain, lambda s: s[1]), (injected, lambda s: s.inner_state[0])]:
         p, s = params, opt.init(params)
         for _ in range(5):  # eager, host-dispatched through the chain
-            due = bool(reuse.sam_due(s))
+            due = bool(sharpax.sam_due(s))
             u, s = opt.update(jax.grad(loss)(p), s, p, grad_fn=jax.grad(loss), sam_step=due)
             p = optax.apply_updates(p, u)
         st = get_inner(s)
-        assert isinstance(st, reuse.VSAMState)
-        assert int(reuse.num_sam_steps(s)) == int(st.num_sam_steps) >= 2
-        assert bool(reuse.sam_due(s)) == bool(st.sam_due)
-        np.testing.assert_allclose(float(reuse.sam_rate(s)), int(st.quota) / 4, rtol=1e-6)
+        assert isinstance(st, sharpax.ScheduledSAMState)
+        assert int(sharpax.num_sam_steps(s)) == int(st.num_sam_steps) >= 2
+        assert bool(sharpax.sam_due(s)) == bool(st.sam_due)
+        np.testing.assert_allclose(float(sharpax.sam_rate(s)), int(st.schedule.quota) / 4, rtol=1e-6)
         np.testing.assert_array_equal(
-            reuse.upcoming_sam_steps(s), np.asarray(st.plan)[int(st.window_pos) :]
+            sharpax.upcoming_sam_steps(s), np.asarray(st.schedule.plan)[int(st.schedule.window_pos) :]
         )
 
     # LookSAM under inject_hyperparams, with an injected rho and a static k.
     opt = optax.inject_hyperparams(looksam, static_args=("k",))(rho=0.05, k=2)
     s = opt.init(params)
     _, s = opt.update(jax.grad(loss)(params), s, params, grad_fn=jax.grad(loss))
-    assert not bool(reuse.sam_due(s)) and int(reuse.num_sam_steps(s)) == 1
-    np.testing.assert_array_equal(reuse.upcoming_sam_steps(s), [False])
+    assert not bool(sharpax.sam_due(s)) and int(sharpax.num_sam_steps(s)) == 1
+    np.testing.assert_array_equal(sharpax.upcoming_sam_steps(s), [False])
     with pytest.raises(ValueError, match="sam_rate"):
-        reuse.sam_rate(s)
+        sharpax.sam_rate(s)
     with pytest.raises(ValueError, match="num_sam_steps"):
-        reuse.num_sam_steps(optax.sgd(0.1).init(params))
+        sharpax.num_sam_steps(optax.sgd(0.1).init(params))
 
 
 # ----------------------------------------------------------------------------- validation
@@ -883,7 +887,7 @@ def test_invalid_arguments_raise_clear_errors():
         looksam(eps=-1.0)
     # NumPy integers are ints; bools are neither ints nor numbers.
     state = vsam(window=np.int64(4), blocks=np.int32(2), max_reuse=np.int64(2)).init(params)
-    assert state.plan.shape == (4,)
+    assert state.schedule.plan.shape == (4,)
     looksam(k=np.int64(3))
     for make, match in [
         (lambda: looksam(k=True), "k must be an int"),

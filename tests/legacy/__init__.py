@@ -1,0 +1,1 @@
+"""Frozen copies of earlier sharpax code for old-versus-new tests."""
