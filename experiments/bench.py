@@ -5,8 +5,9 @@ r"""Step-time benchmark of every method, side by side in one process (not a test
   python -m experiments.bench --smoke                          # seconds; used by the tests
 
 Methods: SGD, SAM, ASAM, LookSAM (k=5), vSAM (two-function host dispatch, and
-the on-device ``lax.cond`` path for contrast), SAF, MESA and
-``optax.contrib.sam(opaque_mode=True)`` configured as plain SAM. All step
+the on-device ``lax.cond`` path for contrast), AE-SAM (``lax.cond``: it decides
+from the step's own gradient norm), SS-SAM (p = 0.5, host dispatch), MSAM, SAF,
+MESA and ``optax.contrib.sam(opaque_mode=True)`` configured as plain SAM. All step
 functions are compiled first; then ``--rounds`` rounds each run ``--steps``
 steps of every method in turn (interleaved, so machine noise hits all methods
 alike). Reported: median step time, throughput relative to SGD, the measured
@@ -14,7 +15,7 @@ SAM-step fraction, XLA's compiled memory footprint of the step (arguments +
 temporaries + outputs), device peak memory where the backend reports it, and the SAF
 buffer's bytes at the dataset's full size.
 
-For vSAM the reuse steps and SAM steps are timed separately (median each; each
+For vSAM, LookSAM and SS-SAM the reuse steps and SAM steps are timed separately (median each; each
 round also times ``max(2, steps // 5)`` forced SAM steps on a throw-away copy
 of the state, since the schedule itself may take only one in a short run);
 its throughput is given at the SAM fraction its schedule produced in this run
@@ -42,7 +43,12 @@ import sharpax
 from experiments import input_pipeline, training
 from experiments.configs import base
 
-METHODS = ("sgd", "sam", "asam", "looksam", "vsam", "vsam_cond", "saf", "mesa", "optax_sam")
+METHODS = (
+    "sgd", "sam", "asam", "looksam", "vsam", "vsam_cond", "ae_sam", "ss_sam", "msam", "saf",
+    "mesa", "optax_sam",
+)  # fmt: skip
+# Scheduled methods dispatched from the host: SAM and reuse steps are timed apart.
+HOST_SCHEDULED = ("looksam", "vsam", "ss_sam")
 TARGETS = {"saf": 0.97, "mesa": 0.85, "vsam": 0.70, "looksam": 0.75, "sam": 0.48}
 
 
@@ -120,7 +126,7 @@ class Runner:
         self.times = {"all": [], True: [], False: []}
         self.sam_due_sequence = []
         kinds = [None]
-        if method in ("looksam", "vsam"):
+        if method in HOST_SCHEDULED:
             kinds = [True, False]
         self.memory = {str(k): compiled_bytes(self.s, self.state, self.batch, k) for k in kinds}
         for k in kinds:  # compile and warm up each step function
@@ -163,7 +169,7 @@ def summarize(runners: dict) -> dict:
     for m, r in runners.items():
         med = statistics.median(r.times["all"])
         row = {"median_step_s": med}
-        if m in ("looksam", "vsam") and r.times[True] and r.times[False]:
+        if m in HOST_SCHEDULED and r.times[True] and r.times[False]:
             t_sam = statistics.median(r.times[True])
             t_reuse = statistics.median(r.times[False])
             frac = float(np.mean(r.sam_due_sequence))
@@ -174,7 +180,7 @@ def summarize(runners: dict) -> dict:
             else:
                 row["effective_step_s"] = frac * t_sam + (1 - frac) * t_reuse
                 row["step_s_at_30pct"] = 0.3 * t_sam + 0.7 * t_reuse
-        elif m == "vsam_cond":
+        elif m in ("vsam_cond", "ae_sam"):  # on-device lax.cond decisions
             count = int(jax.device_get(sharpax.num_sam_steps(r.state.opt_state)))
             total = int(jax.device_get(r.state.step))
             row["measured_sam_fraction"] = count / max(total, 1)
@@ -215,7 +221,7 @@ def print_table(rows: dict) -> str:
         lines.append(
             f"| {m} | {_ms(r['median_step_s'])} | {_ms(r['effective_step_s'])} | "
             f"{vs:.2f}{extra} | {'≥ %.2f' % target if target else ''} | "
-            f"{r.get('measured_sam_fraction', 1.0 if m in ('sam', 'asam', 'optax_sam') else 0.0):.2f} | {mem} |"
+            f"{r.get('measured_sam_fraction', 1.0 if m in ('sam', 'asam', 'optax_sam') else 0.0):.2f} | {mem} |"  # noqa: E501
         )
     table = "\n".join(lines)
     print(table)

@@ -40,6 +40,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from tqdm.auto import tqdm
 
 import sharpax
@@ -70,18 +71,20 @@ def tree_bytes(tree: Any) -> int:
 def extra_memory_bytes(method: str, state: training.TrainState) -> int:
     """Bytes a method keeps beyond SGD's state (params, batch stats, momentum).
 
-    SAM-type methods hold one perturbed copy of the params during a step; LookSAM
-    and vSAM also cache one gradient-sized direction; SAF holds its logit buffer;
-    MESA an EMA copy of the variables.
+    SAM-type methods hold one perturbed copy of the params during a step; LookSAM,
+    vSAM and AE-LookSAM also cache one gradient-sized direction; SAF holds its
+    logit buffer; MESA an EMA copy of the variables; MSAM nothing (its perturbation
+    is along SGD's own momentum, applied in place).
     """
     params = tree_bytes(state.params)
-    if method in ("sam", "asam"):
+    spec = training.METHODS[method]
+    if spec.scheduled:  # the perturbed copy plus the reuse rule's cache (none for plain)
+        return params + tree_bytes(optax.tree_utils.tree_get(state.opt_state, "reuse"))
+    if spec.second_pass:
         return params
-    if method in ("looksam", "vsam"):
-        return 2 * params
-    if method in ("saf", "mesa"):
+    if spec.loss is not None:
         return tree_bytes(state.traj)
-    return 0
+    return 0  # SGD; MSAM's momentum is SGD's
 
 
 def diagnostics_loss(s: training.Setup, state: training.TrainState, batch: dict):
@@ -181,6 +184,7 @@ def run_method(
         sam_before = num_sam
     bar.n = bar.total
     bar.close()
+    state = training.evaluation_state(s, state)  # MSAM: diagnostics at the unperturbed weights
     loss_fn = diagnostics_loss(s, state, diag_batch)
     lam = float("nan")  # --power_iters 0: not measured
     if args.power_iters:
@@ -533,7 +537,7 @@ def main(argv=None) -> dict:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     for m in methods:
         if m not in training.METHODS:
-            raise SystemExit(f"unknown method {m!r}; choose from {training.METHODS}")
+            raise SystemExit(f"unknown method {m!r}; choose from {tuple(training.METHODS)}")
     seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
     os.makedirs(args.out, exist_ok=True)
     config = make_config("sgd", seeds[0] if seeds else 0, args)

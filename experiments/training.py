@@ -40,7 +40,6 @@ from jax.sharding import PartitionSpec as P
 import sharpax
 from experiments import input_pipeline, models
 
-METHODS = ("sgd", "sam", "asam", "looksam", "vsam", "saf", "mesa")
 
 
 class TrainState(NamedTuple):
@@ -136,33 +135,117 @@ def make_optimizer(
     method = config.method
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
-    if method == "sam":
-        front = sharpax.sam(config.sam.rho)
-    elif method == "asam":
-        a = config.asam
-        if a.scale not in ("weights", "all"):
-            raise ValueError(f"asam.scale must be 'weights' or 'all', got {a.scale!r}")
-        mask = models.asam_weights_mask if a.scale == "weights" else None
-        front = sharpax.sam(a.rho, adaptive=True, eta=a.eta, adaptive_mask=mask)
-    elif method == "looksam":
-        front = sharpax.looksam(config.sam.rho, k=config.looksam.k, alpha=config.looksam.alpha)
-    elif method == "vsam":
-        v = config.vsam
-        front = sharpax.vsam(
-            config.sam.rho,
-            window=v.window,
-            blocks=v.blocks,
-            max_rate=v.max_rate,
-            sensitivity=tuple(v.sensitivity),
-            reuse_decay=v.reuse_decay,
-            max_reuse=v.max_reuse,
-            warmup_steps=round(v.warmup_epochs * steps_per_epoch),
-            stat_mask=vsam_stat_mask,
-            seed=config.seed,
-        )
-    else:
+    spec = METHODS[method]
+    if spec.front is None:
         return base
-    return optax.chain(front, base)
+    if method == "msam":  # MSAM is the base optimizer itself (its momentum is the ascent)
+        return spec.front(config, steps_per_epoch, vsam_stat_mask)
+    return optax.chain(spec.front(config, steps_per_epoch, vsam_stat_mask), base)
+
+
+# One builder per method of the sharpax front of the chain, ``(config, steps_per_epoch,
+# vsam_stat_mask) -> transform``.
+
+
+def _sam_front(config, steps_per_epoch, stat_mask):
+    return sharpax.sam(config.sam.rho)
+
+
+def _asam_front(config, steps_per_epoch, stat_mask):
+    a = config.asam
+    if a.scale not in ("weights", "all"):
+        raise ValueError(f"asam.scale must be 'weights' or 'all', got {a.scale!r}")
+    mask = models.asam_weights_mask if a.scale == "weights" else None
+    return sharpax.sam(a.rho, adaptive=True, eta=a.eta, adaptive_mask=mask)
+
+
+def _looksam_front(config, steps_per_epoch, stat_mask):
+    return sharpax.looksam(config.sam.rho, k=config.looksam.k, alpha=config.looksam.alpha)
+
+
+def _vsam_front(config, steps_per_epoch, stat_mask):
+    v = config.vsam
+    return sharpax.vsam(
+        config.sam.rho,
+        window=v.window,
+        blocks=v.blocks,
+        max_rate=v.max_rate,
+        sensitivity=tuple(v.sensitivity),
+        reuse_decay=v.reuse_decay,
+        max_reuse=v.max_reuse,
+        warmup_steps=round(v.warmup_epochs * steps_per_epoch),
+        stat_mask=stat_mask,
+        seed=config.seed,
+    )
+
+
+def _ae_sam_front(config, steps_per_epoch, stat_mask):
+    a = config.ae_sam
+    return sharpax.ae_sam(
+        config.sam.rho,
+        total_steps=max(config.num_epochs * steps_per_epoch, 1),
+        decay=a.decay,
+        threshold_start=a.threshold_start,
+        threshold_end=a.threshold_end,
+        lookahead_alpha=a.get("lookahead_alpha"),
+        lagged=a.lagged,
+    )
+
+
+def _ss_sam_front(config, steps_per_epoch, stat_mask):
+    s = config.ss_sam
+    total = max(config.num_epochs * steps_per_epoch, 1)
+    probability = sharpax.schedules.probability_ramp(s.p_start, s.p_end, total, shape=s.shape)
+    return sharpax.ss_sam(config.sam.rho, probability=probability, seed=config.seed)
+
+
+def _msam_front(config, steps_per_epoch, stat_mask):
+    if config.optimizer != "sgd" or config.get("nesterov", False):
+        raise ValueError("msam is SGD with heavy-ball momentum: it needs optimizer='sgd' and "
+                         f"nesterov=False, got {config.optimizer!r}, {config.get('nesterov')}.")  # fmt: skip
+    return optax.chain(
+        optax.add_decayed_weights(config.weight_decay, mask=_decay_mask(config)),
+        sharpax.msam(
+            learning_rate_schedule(config, steps_per_epoch),
+            rho=config.msam.rho,
+            momentum=config.momentum,
+        ),
+    )
+
+
+class Method(NamedTuple):
+    """How the trainer runs a method.
+
+    ``front``: builder of the sharpax transform first in the chain (None: the base
+    optimizer alone; for msam the whole optimizer). ``scheduled``: a
+    ``sharpax.scheduled_sam`` preset (takes ``sam_step``). ``host_dispatch``: its
+    decisions are known before the step, so the host can dispatch two compiled steps.
+    ``second_pass``: it runs ``grad_fn`` (counts SAM steps). ``loss``: None, 'saf' or
+    'mesa' (a trajectory term in the loss). ``perturbed_params``: the params in the
+    state are MSAM's perturbed ones (evaluate at ``sharpax.msam_unperturbed_params``).
+    """
+
+    front: Callable | None = None
+    scheduled: bool = False
+    host_dispatch: bool = False
+    second_pass: bool = False
+    loss: str | None = None
+    perturbed_params: bool = False
+
+
+METHODS: dict[str, Method] = {
+    "sgd": Method(),
+    "sam": Method(_sam_front, second_pass=True),
+    "asam": Method(_asam_front, second_pass=True),
+    "looksam": Method(_looksam_front, scheduled=True, host_dispatch=True, second_pass=True),
+    "vsam": Method(_vsam_front, scheduled=True, host_dispatch=True, second_pass=True),
+    # AE-SAM decides from the step's own gradient norm: on device (lax.cond), unless lagged.
+    "ae_sam": Method(_ae_sam_front, scheduled=True, second_pass=True),
+    "ss_sam": Method(_ss_sam_front, scheduled=True, host_dispatch=True, second_pass=True),
+    "msam": Method(_msam_front, perturbed_params=True),
+    "saf": Method(loss="saf"),
+    "mesa": Method(loss="mesa"),
+}
 
 
 def ema_decay(horizon_epochs: float, steps_per_epoch: int, what: str) -> float:
@@ -230,6 +313,37 @@ def _variables(params, batch_stats):
     return {"params": params, "batch_stats": batch_stats} if batch_stats else {"params": params}
 
 
+def _plain_loss(task: Callable) -> Callable:
+    """``task`` in the signature of sharpax.with_saf / with_mesa's losses, with no term."""
+
+    def loss_fn(params, traj_state, batch, epoch):
+        del epoch
+        loss, aux = task(params, batch)
+        return loss, sharpax.TrajectoryAux(aux=aux, state=traj_state, term=jnp.zeros([]))
+
+    return loss_fn
+
+
+def trajectory_loss(spec, traj, task, teacher_logits, epoch, teacher: bool):
+    """The step's loss ``(params, traj_state, batch, epoch) -> (loss, TrajectoryAux)`` and its epoch.
+
+    SAF and MESA come from ``sharpax.with_saf`` / ``with_mesa`` around the task loss
+    (SAF reads the pipeline's ``batch['id']``). ``teacher=False`` (MESA outside its
+    active epochs; a static choice of the host) passes a Python epoch outside
+    ``[start_epoch, end_epoch)``, which makes ``with_mesa`` skip the teacher's forward
+    pass (the term is 0 there anyway).
+    """
+    if spec.loss == "saf":
+        return sharpax.with_saf(task, traj, ids_fn=lambda b: b["id"]), epoch
+    if spec.loss == "mesa":
+        loss_fn = sharpax.with_mesa(task, traj, teacher_logits)
+        if teacher:
+            return loss_fn, epoch
+        inactive = traj.start_epoch - 1 if traj.start_epoch > 0 else traj.end_epoch
+        return loss_fn, inactive
+    return _plain_loss(task), epoch
+
+
 def make_step_fns(setup_args: dict) -> tuple[Callable, Callable]:
     """Builds ``train_step(state, batch, epoch, sam_step, teacher=True)`` and ``eval_step``.
 
@@ -245,6 +359,7 @@ def make_step_fns(setup_args: dict) -> tuple[Callable, Callable]:
     num_classes = setup_args["num_classes"]
     smoothing = config.get("label_smoothing", 0.0)
     method = config.method
+    spec = METHODS[method]
 
     def forward(params, batch_stats, images, rng, train=True):
         logits, new_state = models.apply_model(
@@ -270,40 +385,19 @@ def make_step_fns(setup_args: dict) -> tuple[Callable, Callable]:
     ):
         rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
 
-        if method == "saf":
+        def task(params, b):
+            loss, (logits, new_stats) = task_loss(params, state.batch_stats, b, rng)
+            return loss, {"loss": loss, "logits": logits, "batch_stats": new_stats}
 
-            def loss_fn(params):
-                loss, (logits, new_stats) = task_loss(params, state.batch_stats, batch, rng)
-                term, new_traj = traj.update(state.traj, logits, batch["id"], epoch)
-                return loss + term, (loss, term, logits, new_stats, new_traj)
+        def teacher_logits(ema, b):  # MESA's teacher: the EMA model in eval mode
+            return forward(ema["params"], ema.get("batch_stats"), b["image"], rng, train=False)[0]
 
-        elif method == "mesa" and not teacher:
-            # Before mesa.start_epoch the term is 0: skip the teacher's forward pass
-            # (the host picks this step function; the EMA is still updated below).
-
-            def loss_fn(params):
-                loss, (logits, new_stats) = task_loss(params, state.batch_stats, batch, rng)
-                return loss, (loss, jnp.zeros([]), logits, new_stats, state.traj)
-
-        elif method == "mesa":
-            ema = state.traj.ema
-            teacher_logits, _ = forward(ema["params"], ema.get("batch_stats"), batch["image"], rng, train=False)
-            teacher_logits = jax.lax.stop_gradient(teacher_logits)
-
-            def loss_fn(params):
-                loss, (logits, new_stats) = task_loss(params, state.batch_stats, batch, rng)
-                term = traj.loss(logits, teacher_logits, epoch)
-                return loss + term, (loss, term, logits, new_stats, state.traj)
-
-        else:
-
-            def loss_fn(params):
-                loss, (logits, new_stats) = task_loss(params, state.batch_stats, batch, rng)
-                return loss, (loss, jnp.zeros([]), logits, new_stats, state.traj)
-
-        (_, (loss, term, logits, new_stats, new_traj)), grads = jax.value_and_grad(
-            loss_fn, has_aux=True
-        )(state.params)
+        loss_fn, epoch_arg = trajectory_loss(spec, traj, task, teacher_logits, epoch, teacher)
+        (_, out), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state.params, state.traj, batch, epoch_arg
+        )
+        loss, logits, new_stats = out.aux["loss"], out.aux["logits"], out.aux["batch_stats"]
+        term, new_traj = out.term, out.state
 
         # The perturbed pass of SAM-type methods: same mini-batch, same loss,
         # train-mode forward, batch-statistics updates discarded.
@@ -312,11 +406,11 @@ def make_step_fns(setup_args: dict) -> tuple[Callable, Callable]:
             return jax.grad(lambda p: task_loss(p, state.batch_stats, batch, rng)[0])(params)
 
         extra = {"grad_fn": grad_fn}
-        if method in ("looksam", "vsam"):
+        if METHODS[method].scheduled:
             extra["sam_step"] = sam_step
         updates, opt_state = tx.update(grads, state.opt_state, state.params, **extra)
         params = optax.apply_updates(state.params, updates)
-        if method == "mesa":
+        if spec.loss == "mesa":
             new_traj = traj.update(new_traj, _variables(params, new_stats))
         new_ema = state.ema
         if model_ema is not None:
@@ -512,7 +606,10 @@ def next_sam_step(s: Setup, state: TrainState) -> bool | None:
     decisions from that queue. ``None`` (decide on device) for the other
     methods and for ``config.dispatch == 'cond'``.
     """
-    if s.config.method not in ("looksam", "vsam") or s.config.get("dispatch", "host") == "cond":
+    spec = METHODS[s.config.method]
+    if s.config.method == "ae_sam" and s.config.ae_sam.lagged:
+        spec = spec._replace(host_dispatch=True)
+    if not spec.host_dispatch or s.config.get("dispatch", "host") == "cond":
         return None
     if not s.plan:
         upcoming = [bool(d) for d in sharpax.upcoming_sam_steps(state.opt_state)]
@@ -566,7 +663,15 @@ def run_train_epoch(
     return state, out
 
 
+def evaluation_state(s: Setup, state: TrainState) -> TrainState:
+    """The state to evaluate: MSAM's params moved back to the unperturbed weights."""
+    if METHODS[s.config.method].perturbed_params:
+        return state._replace(params=sharpax.msam_unperturbed_params(state.params, state.opt_state))
+    return state
+
+
 def evaluate(s: Setup, state: TrainState, batches: Iterator[dict]) -> dict:
+    state = evaluation_state(s, state)
     totals = {"loss_sum": 0.0, "correct": 0.0, "count": 0.0}
     outs = [s.eval_step(state, put_batch(s, b)) for b in batches]
     for o in jax.device_get(outs):
@@ -595,6 +700,6 @@ def evaluate_ema(s: Setup, state: TrainState, batches: Iterator[dict]) -> dict:
 
 
 def num_sam_steps(state: TrainState, method: str) -> int:
-    if method in ("sgd", "saf", "mesa"):
+    if not METHODS[method].second_pass:
         return 0
     return int(jax.device_get(sharpax.num_sam_steps(state.opt_state)))

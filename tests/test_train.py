@@ -47,10 +47,12 @@ def test_every_method_runs_one_epoch_through_the_cli_entry_point(method, tmp_pat
         assert np.isfinite(row[key]), (key, row)
     assert 0.0 <= row["test_accuracy"] <= 1.0
     assert row["train_steps"] == 5
-    expected_fraction = {"sgd": 0.0, "saf": 0.0, "mesa": 0.0, "sam": 1.0, "asam": 1.0, "looksam": 3 / 5}
+    expected_fraction = {
+        "sgd": 0.0, "saf": 0.0, "mesa": 0.0, "msam": 0.0, "sam": 1.0, "asam": 1.0, "looksam": 3 / 5,
+    }  # fmt: skip
     if method in expected_fraction:  # LookSAM k=2: steps 0, 2, 4 are SAM steps.
         assert row["sam_step_fraction"] == pytest.approx(expected_fraction[method])
-    else:  # vSAM (warm-up 0, window 4): some SAM steps, at most all of them.
+    else:  # vSAM (warm-up 0, window 4), AE-SAM, SS-SAM: some SAM steps, at most all of them.
         assert 0.0 < row["sam_step_fraction"] <= 1.0
     if method == "saf":  # lag 1: no references exist in the first epoch yet
         assert row["train_traj_term"] == 0.0
@@ -247,3 +249,47 @@ def test_a_diverging_run_stops_with_an_error_naming_the_epoch(tmp_path):
     config = tiny_config("sgd", learning_rate=1e30)
     with pytest.raises(FloatingPointError, match="diverged"):
         train.train_and_evaluate(config, str(tmp_path), progress=False)
+
+
+def _synthetic_batch(s, seed=0):
+    rng = np.random.default_rng(seed)
+    return training.put_batch(
+        s,
+        {
+            "image": rng.normal(size=(32, *s.input_shape)).astype(np.float32),
+            "label": rng.integers(0, s.num_classes, 32).astype(np.int32),
+            "id": np.arange(32, dtype=np.int32),
+        },
+    )
+
+
+def test_msam_with_rho_zero_trains_like_sgd_and_is_evaluated_unperturbed():
+    """The trainer's MSAM: rho = 0 is its SGD; with rho > 0 it evaluates at w = w̃ + f·v."""
+    epoch = jnp.asarray(0, jnp.int32)
+    runs = {}
+    for method, rho in (("sgd", None), ("msam", 0.0), ("msam", 0.5)):
+        config = tiny_config(method, weight_decay=1e-3)
+        if rho is not None:
+            config.msam.rho = rho
+        s = training.setup(config, train_size=64)
+        state = training.init_state(s)
+        for t in range(4):
+            state, _ = s.train_step(state, _synthetic_batch(s, t), epoch, sam_step=None)
+        runs[(method, rho)] = (s, state)
+    _, sgd = runs[("sgd", None)]
+    _, msam0 = runs[("msam", 0.0)]
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), sgd.params, msam0.params
+    )
+    s, state = runs[("msam", 0.5)]
+    (msam_state,) = [
+        x
+        for x in jax.tree.leaves(state.opt_state, is_leaf=lambda x: hasattr(x, "perturbation_scale"))
+        if hasattr(x, "perturbation_scale")
+    ]
+    f = float(msam_state.perturbation_scale)
+    evaluated = training.evaluation_state(s, state).params
+    by_hand = jax.tree.map(lambda w, v: np.asarray(w) + f * np.asarray(v), state.params, msam_state.momentum)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), evaluated, by_hand)
+    shift = sum(float(jnp.sum((a - b) ** 2)) for a, b in zip(jax.tree.leaves(evaluated), jax.tree.leaves(state.params)))
+    np.testing.assert_allclose(np.sqrt(shift), 0.5, rtol=1e-4)  # the perturbation has norm rho

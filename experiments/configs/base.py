@@ -104,6 +104,24 @@ def get_base_config() -> ml_collections.ConfigDict:
             stat_last_tensors=0,  # statistics on the last N tensors in layer order (0: all)
         )
     )
+    # AE-SAM (Jiang et al., ICLR 2023): EMA decay and the threshold multiplier's linear
+    # schedule (lambda_2 -> lambda_1) as we read the paper's Algorithm 1 (no authors' code).
+    # lookahead_alpha: None for AE-SAM, 0.7 (LookSAM's alpha) for AE-LookSAM. lagged: decide
+    # from the previous step's norm so the host can dispatch (not the paper's rule).
+    c.ae_sam = ml_collections.ConfigDict(
+        dict(
+            decay=0.9,
+            threshold_start=1.0,
+            threshold_end=-1.0,
+            lookahead_alpha=ml_collections.FieldReference(None, field_type=float),
+            lagged=False,
+        )
+    )
+    # SS-SAM / RST (Zhao et al. 2022): SAM-step probability ramp over the run; a constant
+    # 0.5 costs what the paper compares against (1.5 passes per step on average).
+    c.ss_sam = ml_collections.ConfigDict(dict(p_start=0.5, p_end=0.5, shape="constant"))
+    # MSAM (Becker et al. 2024): rho = 3 in every MSAM command of the authors' README.
+    c.msam = ml_collections.ConfigDict(dict(rho=3.0))
     c.saf = ml_collections.ConfigDict(
         dict(
             lag=3,
@@ -160,13 +178,19 @@ def parse_arg(arg: str | None) -> tuple[str, bool]:
     methods = [p for p in parts if p != "runlocal"]
     method = methods[0] if methods else "sgd"
     if method not in training.METHODS:
-        raise ValueError(f"unknown method {method!r}; choose from {training.METHODS}")
+        raise ValueError(f"unknown method {method!r}; choose from {tuple(training.METHODS)}")
     return method, runlocal
 
 
 def finalize(c: ml_collections.ConfigDict, method: str, runlocal: bool) -> ml_collections.ConfigDict:
-    """Sets the method and, for ``runlocal``, shrinks the run to a smoke test."""
+    """Sets the method and, for ``runlocal``, shrinks the run to a smoke test.
+
+    MSAM is heavy-ball SGD (its momentum is the ascent direction; the authors' runs use no
+    Nesterov), so ``nesterov`` is turned off for it.
+    """
     c.method = method
+    if method == "msam":
+        c.nesterov = False
     c.name = f"{c.dataset}_{c.model}_{method}"
     if runlocal:
         c.num_epochs = 1
