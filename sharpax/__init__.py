@@ -2,6 +2,8 @@
 
 from sharpax import reuse_rules, schedules
 from sharpax.ae_sam import ae_sam
+from sharpax.esam import ESAMState, esam
+from sharpax.gsam import GSAMState, gsam, gsam_rho_schedule
 from sharpax.looksam import looksam
 from sharpax.mesa import MESA, MESAState, mesa, with_mesa
 from sharpax.msam import MSAMState, msam, msam_unperturbed_params
@@ -29,6 +31,8 @@ __version__ = "0.1.0"
 __all__ = (
     "MESA",
     "SAF",
+    "ESAMState",
+    "GSAMState",
     "LookSAMState",
     "MESAState",
     "MSAMState",
@@ -39,6 +43,9 @@ __all__ = (
     "VSAMState",
     "ae_sam",
     "check_example_ids",
+    "esam",
+    "gsam",
+    "gsam_rho_schedule",
     "hessian_top_eigenvalue",
     "looksam",
     "loss_landscape",
