@@ -4,7 +4,7 @@ r"""Step-time benchmark of every method, side by side in one process (not a test
   python -m experiments.bench --model mnist1d_cnn --dataset mnist1d --batch 128   # small, for CPU
   python -m experiments.bench --smoke                          # seconds; used by the tests
 
-Methods: SGD, SAM, ASAM, LookSAM (k=5), vSAM (two-function host dispatch, and
+Methods: SGD, SAM, ASAM, GSAM, ESAM (beta 0.6, gamma 0.5), LookSAM (k=5), vSAM (two-function host dispatch, and
 the on-device ``lax.cond`` path for contrast), AE-SAM (``lax.cond``: it decides
 from the step's own gradient norm), SS-SAM (p = 0.5, host dispatch), MSAM, SAF,
 MESA and ``optax.contrib.sam(opaque_mode=True)`` configured as plain SAM. All step
@@ -44,8 +44,8 @@ from experiments import input_pipeline, training
 from experiments.configs import base
 
 METHODS = (
-    "sgd", "sam", "asam", "looksam", "vsam", "vsam_cond", "ae_sam", "ss_sam", "msam", "saf",
-    "mesa", "optax_sam",
+    "sgd", "sam", "asam", "gsam", "esam", "looksam", "vsam", "vsam_cond", "ae_sam", "ss_sam",
+    "msam", "saf", "mesa", "optax_sam",
 )  # fmt: skip
 # Scheduled methods dispatched from the host: SAM and reuse steps are timed apart.
 HOST_SCHEDULED = ("looksam", "vsam", "ss_sam")
@@ -120,8 +120,10 @@ class Runner:
     def __init__(self, method, args, train_size):
         self.method = method
         self.config, self.s = build(method, args, train_size)
-        self.state = training.init_state(self.s)
-        self.batch = training.put_batch(self.s, synthetic_batch(self.s, args.batch))
+        host_batch = synthetic_batch(self.s, args.batch)
+        quantized = getattr(self.s.model, "quant_bits", None) is not None
+        self.state = training.init_state(self.s, host_batch["image"] if quantized else None)
+        self.batch = training.put_batch(self.s, host_batch)
         self.epoch = jnp.asarray(self.config.saf.start_epoch + 10, jnp.int32)
         self.times = {"all": [], True: [], False: []}
         self.sam_due_sequence = []
@@ -221,7 +223,7 @@ def print_table(rows: dict) -> str:
         lines.append(
             f"| {m} | {_ms(r['median_step_s'])} | {_ms(r['effective_step_s'])} | "
             f"{vs:.2f}{extra} | {'≥ %.2f' % target if target else ''} | "
-            f"{r.get('measured_sam_fraction', 1.0 if m in ('sam', 'asam', 'optax_sam') else 0.0):.2f} | {mem} |"  # noqa: E501
+            f"{r.get('measured_sam_fraction', 1.0 if m in ('sam', 'asam', 'gsam', 'esam', 'optax_sam') else 0.0):.2f} | {mem} |"  # noqa: E501
         )
     table = "\n".join(lines)
     print(table)

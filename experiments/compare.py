@@ -48,6 +48,7 @@ from experiments import input_pipeline, models, stats, training
 from experiments.configs import cifar10_cnn_noisy, cifar10_resnet18, cifar100_resnet18
 from experiments.configs import mnist as mnist_config
 from experiments.configs import mnist1d as mnist1d_config
+from experiments.configs import mnist1d_lsq as mnist1d_lsq_config
 
 DEFAULT_METHODS = ("sgd", "sam", "looksam", "vsam", "saf", "mesa")
 DEFAULT_SEEDS = "0,1,2"
@@ -55,6 +56,7 @@ DEFAULT_SEEDS = "0,1,2"
 # pass --epochs); `--dataset` picks one.
 CONFIGS = {
     "mnist1d": mnist1d_config,
+    "mnist1d_lsq": mnist1d_lsq_config,
     "mnist": mnist_config,
     "cifar10": cifar10_resnet18,
     "cifar100": cifar100_resnet18,
@@ -139,7 +141,7 @@ def run_method(
     config = make_config(method, seed, args)
     train_source, test_source = sources
     s = training.setup(config, train_size=len(train_source))
-    state = training.init_state(s)
+    state = training.init_state(s, training.init_sample(s, train_source))
     rho = config.sam.rho
     sharp_fn = jax.jit(
         lambda st: sharpax.sam_sharpness(diagnostics_loss(s, st, diag_batch), st.params, rho)

@@ -33,6 +33,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Dtype = Any
 Variables = Mapping[str, Any]
@@ -71,6 +72,15 @@ def _logits(x: jax.Array) -> jax.Array:
 # --------------------------------------------------------------------------------------------------
 
 
+def _conv_factory(quant_bits: int | None) -> Any:
+    """``nn.Conv``, or with ``quant_bits`` its LSQ-quantized variant (:mod:`experiments.lsq`)."""
+    if quant_bits is None:
+        return nn.Conv
+    from experiments import lsq  # noqa: PLC0415 - only the quantized models need it
+
+    return lsq.quantized_conv(quant_bits)
+
+
 class BasicBlock(nn.Module):
     """ResNet basic block: 3x3 conv - BN - ReLU - 3x3 conv - BN, plus shortcut, ReLU."""
 
@@ -78,12 +88,14 @@ class BasicBlock(nn.Module):
     strides: int = 1
     zero_init_residual: bool = False
     dtype: Dtype = jnp.float32
+    quant_bits: int | None = None  # LSQ bit width of every conv (inputs and kernels), or None
 
     expansion = 1
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype, kernel_init=_conv_init)
+        conv = _conv_factory(self.quant_bits)
+        conv = functools.partial(conv, use_bias=False, dtype=self.dtype, kernel_init=_conv_init)
         s = (self.strides, self.strides)
         y = conv(self.filters, (3, 3), s, padding=_pad(1))(x)
         y = nn.relu(_batch_norm(train, self.dtype)(y))
@@ -103,12 +115,14 @@ class BottleneckBlock(nn.Module):
     strides: int = 1
     zero_init_residual: bool = False
     dtype: Dtype = jnp.float32
+    quant_bits: int | None = None  # LSQ bit width of every conv (inputs and kernels), or None
 
     expansion = 4
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype, kernel_init=_conv_init)
+        conv = _conv_factory(self.quant_bits)
+        conv = functools.partial(conv, use_bias=False, dtype=self.dtype, kernel_init=_conv_init)
         s = (self.strides, self.strides)
         out = self.filters * self.expansion
         y = conv(self.filters, (1, 1))(x)
@@ -140,6 +154,9 @@ class ResNet(nn.Module):
       zero_init_residual: initialise each block's last BN scale to zero
         (Goyal et al. 2017); off by default, as in torchvision.
       dtype: compute dtype (parameters stay float32).
+      quant_bits: None, or the LSQ bit width (:mod:`experiments.lsq`) of every
+        conv in the blocks (inputs and kernels); the stem and the head stay in
+        full precision.
 
     References:
       He et al, `Deep Residual Learning for Image Recognition
@@ -153,6 +170,7 @@ class ResNet(nn.Module):
     stem: str = "imagenet"
     zero_init_residual: bool = False
     dtype: Dtype = jnp.float32
+    quant_bits: int | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -193,6 +211,7 @@ class ResNet(nn.Module):
                     strides=2 if i > 0 and j == 0 else 1,
                     zero_init_residual=self.zero_init_residual,
                     dtype=self.dtype,
+                    quant_bits=self.quant_bits,
                 )(x, train)
         x = jnp.mean(x, axis=(1, 2))
         return _logits(nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x))
@@ -541,13 +560,15 @@ class Mnist1dCNN(nn.Module):
     channels: int = 25
     kernel_sizes: Sequence[int] = (5, 3, 3)
     dtype: Dtype = jnp.float32
+    quant_bits: int | None = None  # LSQ bits of every conv but the first (the head stays float)
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         del train
         x = jnp.asarray(_as_sequence(x), self.dtype)
-        for k in self.kernel_sizes:
-            x = nn.Conv(self.channels, (k,), (2,), padding=((1, 1),), dtype=self.dtype)(x)
+        for i, k in enumerate(self.kernel_sizes):
+            conv = nn.Conv if i == 0 else _conv_factory(self.quant_bits)
+            x = conv(self.channels, (k,), (2,), padding=((1, 1),), dtype=self.dtype)(x)
             x = nn.relu(x)
         x = x.reshape(x.shape[0], -1)
         return _logits(nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x))
@@ -592,6 +613,11 @@ _REGISTRY: dict[str, Callable[..., nn.Module]] = {
     ),
     "mnist_cnn": MnistCNN,
     "mnist1d_cnn": Mnist1dCNN,
+    # LSQ quantization-aware variants (experiments.lsq); bits via model_kwargs.quant_bits.
+    "resnet18_lsq": functools.partial(
+        ResNet, stage_sizes=(2, 2, 2, 2), block="basic", quant_bits=4
+    ),
+    "mnist1d_cnn_lsq": functools.partial(Mnist1dCNN, quant_bits=4),
     "mnist1d_mlp": functools.partial(MLP, hidden_sizes=(100, 100)),
 }
 
@@ -631,7 +657,9 @@ def get_model(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
         raise TypeError(f"bad keyword argument for model {name!r}: {e}") from e
 
 
-def init_model(model: nn.Module, rng: jax.Array, input_shape: Sequence[int]) -> dict[str, Any]:
+def init_model(
+    model: nn.Module, rng: jax.Array, input_shape: Sequence[int], sample: Any = None
+) -> dict[str, Any]:
     """Initialises ``model`` for inputs of per-example shape ``input_shape``.
 
     Args:
@@ -639,6 +667,9 @@ def init_model(model: nn.Module, rng: jax.Array, input_shape: Sequence[int]) -> 
       rng: a PRNG key.
       input_shape: shape of ONE example, without the batch dimension, e.g.
         ``(32, 32, 3)`` or ``(40,)`` (as ``get_dataset_info(name).input_shape``).
+      sample: optional batch of real inputs to initialise on (zeros otherwise);
+        required by the LSQ models (``*_lsq``), whose activation step sizes
+        start from the data.
 
     Returns:
       The variables dict: ``{'params': ...}`` plus ``'batch_stats'`` for models
@@ -654,7 +685,15 @@ def init_model(model: nn.Module, rng: jax.Array, input_shape: Sequence[int]) -> 
     """
     if any(int(d) < 1 for d in input_shape):
         raise ValueError(f"input_shape must be positive, got {tuple(input_shape)}.")
-    x = jnp.zeros((1, *input_shape), jnp.float32)
+    if getattr(model, "quant_bits", None) is not None:
+        if sample is None or not np.any(np.asarray(sample)):
+            raise ValueError(
+                "an LSQ-quantized model initialises its activation step sizes from data "
+                "(2 mean|x| / sqrt(Q_P), Esser et al. 2020): pass sample= a batch of real inputs."
+            )
+    x = jnp.zeros((1, *input_shape), jnp.float32) if sample is None else jnp.asarray(sample)
+    if x.shape[1:] != tuple(input_shape):
+        raise ValueError(f"sample has per-example shape {x.shape[1:]}, not {tuple(input_shape)}.")
     variables = jax.jit(functools.partial(model.init, train=False))(rng, x)
     return dict(variables)
 

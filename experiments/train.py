@@ -107,7 +107,7 @@ def train_and_evaluate(
                     f,
                 )
     s = training.setup(config, train_size=len(train_source), mesh=mesh)
-    state = training.init_state(s)
+    state = training.init_state(s, training.init_sample(s, train_source))
 
     manager = ocp.CheckpointManager(
         os.path.join(workdir, "checkpoints"),

@@ -213,6 +213,23 @@ def _msam_front(config, steps_per_epoch, stat_mask):
     )
 
 
+def _gsam_front(config, steps_per_epoch, stat_mask):
+    g = config.gsam
+    rho = sharpax.gsam_rho_schedule(
+        learning_rate_schedule(config, steps_per_epoch),
+        rho_max=g.rho_max,
+        rho_min=g.rho_min,
+        lr_max=config.learning_rate,
+        lr_min=0.0,  # the configs' schedules decay to 0
+    )
+    return sharpax.gsam(rho, alpha=g.alpha, adaptive=g.adaptive)
+
+
+def _esam_front(config, steps_per_epoch, stat_mask):
+    e = config.esam
+    return sharpax.esam(config.sam.rho, beta=e.beta, gamma=e.gamma, seed=config.seed)
+
+
 class Method(NamedTuple):
     """How the trainer runs a method.
 
@@ -223,6 +240,8 @@ class Method(NamedTuple):
     ``second_pass``: it runs ``grad_fn`` (counts SAM steps). ``loss``: None, 'saf' or
     'mesa' (a trajectory term in the loss). ``perturbed_params``: the params in the
     state are MSAM's perturbed ones (evaluate at ``sharpax.msam_unperturbed_params``).
+    ``example_losses``: the front also takes ``loss_fn`` / ``batch`` / ``losses``
+    (per-example losses, ESAM's data selection).
     """
 
     front: Callable | None = None
@@ -231,6 +250,7 @@ class Method(NamedTuple):
     second_pass: bool = False
     loss: str | None = None
     perturbed_params: bool = False
+    example_losses: bool = False
 
 
 METHODS: dict[str, Method] = {
@@ -243,6 +263,8 @@ METHODS: dict[str, Method] = {
     "ae_sam": Method(_ae_sam_front, scheduled=True, second_pass=True),
     "ss_sam": Method(_ss_sam_front, scheduled=True, host_dispatch=True, second_pass=True),
     "msam": Method(_msam_front, perturbed_params=True),
+    "gsam": Method(_gsam_front, second_pass=True),
+    "esam": Method(_esam_front, second_pass=True, example_losses=True),
     "saf": Method(loss="saf"),
     "mesa": Method(loss="mesa"),
 }
@@ -371,10 +393,13 @@ def make_step_fns(setup_args: dict) -> tuple[Callable, Callable]:
         )
         return logits, new_state.get("batch_stats", batch_stats)
 
-    def task_loss(params, batch_stats, batch, rng):
+    def example_losses(params, batch_stats, batch, rng):
         logits, new_stats = forward(params, batch_stats, batch["image"], rng)
-        loss = cross_entropy(logits, batch["label"], num_classes, smoothing).mean()
-        return loss, (logits, new_stats)
+        return cross_entropy(logits, batch["label"], num_classes, smoothing), (logits, new_stats)
+
+    def task_loss(params, batch_stats, batch, rng):
+        losses, (logits, new_stats) = example_losses(params, batch_stats, batch, rng)
+        return losses.mean(), (logits, new_stats)
 
     def train_step(
         state: TrainState,
@@ -386,8 +411,9 @@ def make_step_fns(setup_args: dict) -> tuple[Callable, Callable]:
         rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
 
         def task(params, b):
-            loss, (logits, new_stats) = task_loss(params, state.batch_stats, b, rng)
-            return loss, {"loss": loss, "logits": logits, "batch_stats": new_stats}
+            losses, (logits, new_stats) = example_losses(params, state.batch_stats, b, rng)
+            loss = losses.mean()
+            return loss, {"loss": loss, "losses": losses, "logits": logits, "batch_stats": new_stats}
 
         def teacher_logits(ema, b):  # MESA's teacher: the EMA model in eval mode
             return forward(ema["params"], ema.get("batch_stats"), b["image"], rng, train=False)[0]
@@ -406,8 +432,12 @@ def make_step_fns(setup_args: dict) -> tuple[Callable, Callable]:
             return jax.grad(lambda p: task_loss(p, state.batch_stats, batch, rng)[0])(params)
 
         extra = {"grad_fn": grad_fn}
-        if METHODS[method].scheduled:
+        if spec.scheduled:
             extra["sam_step"] = sam_step
+        if spec.example_losses:  # ESAM's data selection: per-example losses, same forward
+            extra["loss_fn"] = lambda p, b: example_losses(p, state.batch_stats, b, rng)[0]
+            extra["batch"] = batch
+            extra["losses"] = jax.lax.stop_gradient(out.aux["losses"])  # saves a forward
         updates, opt_state = tx.update(grads, state.opt_state, state.params, **extra)
         params = optax.apply_updates(state.params, updates)
         if spec.loss == "mesa":
@@ -529,10 +559,24 @@ def state_shardings(s: Setup, state: TrainState):
     return shardings
 
 
-def init_state(s: Setup) -> TrainState:
+def init_sample(s: Setup, source, n: int = 256) -> np.ndarray | None:
+    """Real inputs to initialise on, for the models that need them (LSQ's step sizes), else None.
+
+    The first ``n`` training examples with eval preprocessing (deterministic).
+    """
+    if getattr(s.model, "quant_bits", None) is None:
+        return None
+    batch = next(iter(input_pipeline.eval_batches(
+        source, n, preprocess=input_pipeline.get_preprocess(s.config.dataset, train=False)
+    )))  # fmt: skip
+    return np.asarray(batch["image"])[np.asarray(batch["mask"], bool)]
+
+
+def init_state(s: Setup, sample: np.ndarray | None = None) -> TrainState:
+    """The initial train state; ``sample``: inputs to initialise on (see :func:`init_sample`)."""
     rng = jax.random.key(s.config.seed)
     init_rng, state_rng = jax.random.split(rng)
-    variables = models.init_model(s.model, init_rng, s.input_shape)
+    variables = models.init_model(s.model, init_rng, s.input_shape, sample=sample)
     params = variables["params"]
     batch_stats = variables.get("batch_stats", {})
     opt_state = s.tx.init(params)

@@ -10,7 +10,7 @@ import sharpax
 
 MODULES = sorted(
     m.name for m in pkgutil.iter_modules(sharpax.__path__, "sharpax.") if not m.name.startswith("sharpax._")
-) + ["experiments.stats", "experiments.models", "experiments.input_pipeline"]
+) + ["experiments.stats", "experiments.models", "experiments.input_pipeline", "experiments.lsq"]
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -120,6 +120,13 @@ def get_base_config() -> ml_collections.ConfigDict:
     # SS-SAM / RST (Zhao et al. 2022): SAM-step probability ramp over the run; a constant
     # 0.5 costs what the paper compares against (1.5 passes per step on average).
     c.ss_sam = ml_collections.ConfigDict(dict(p_start=0.5, p_end=0.5, shape="constant"))
+    # GSAM (Zhuang et al., ICLR 2022): rho linear in the learning rate from rho_min to rho_max
+    # (sharpax.gsam_rho_schedule). Small-task default (our choice): SAM's constant radius and the
+    # alpha of the authors' PyTorch CIFAR example (0.4); ImageNet configs use the paper's Table 4.
+    c.gsam = ml_collections.ConfigDict(dict(rho_max=0.05, rho_min=0.05, alpha=0.4, adaptive=False))
+    # ESAM (Du et al., ICLR 2022): dydjw9/Efficient_SAM run.sh for ResNet-18 (beta 0.6, gamma 0.5);
+    # rho is sam.rho (0.05, also theirs).
+    c.esam = ml_collections.ConfigDict(dict(beta=0.6, gamma=0.5))
     # MSAM (Becker et al. 2024): rho = 3 in every MSAM command of the authors' README.
     c.msam = ml_collections.ConfigDict(dict(rho=3.0))
     c.saf = ml_collections.ConfigDict(
@@ -294,4 +301,6 @@ def imagenet_resnet_config(model: str, arg: str | None) -> ml_collections.Config
     c.saf.dtype = "bfloat16"
     c.saf.shard_buffer = True
     c.vsam.warmup_epochs = 0
+    # GSAM paper Table 4 (ResNet-50/101; ResNet-152 uses alpha 0.005).
+    c.gsam.update(dict(rho_max=0.04, rho_min=0.02, alpha=0.005 if model == "resnet152" else 0.01))
     return finalize(c, method, runlocal)

@@ -31,4 +31,5 @@ def get_config(arg: str | None = None):
     c.data_threads = 16
     c.saf.dtype = "bfloat16"
     c.saf.shard_buffer = True
+    c.gsam.update(dict(rho_max=0.6, rho_min=0.0, alpha=0.4))  # GSAM paper Table 4, ViT-S/32
     return base.finalize(c, method, runlocal)
