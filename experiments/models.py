@@ -631,7 +631,9 @@ def get_model(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
       name: one of :data:`MODEL_NAMES`: ``'resnet18'``, ``'resnet34'``,
         ``'resnet50'``, ``'resnet101'``, ``'resnet152'``, ``'wrn28_10'``,
         ``'pyramidnet110_270'``, ``'vit_s32'``, ``'vit_s16'``, ``'vit_b32'``,
-        ``'mnist_cnn'``, ``'mnist1d_cnn'``, ``'mnist1d_mlp'``.
+        ``'mnist_cnn'``, ``'mnist1d_cnn'``, ``'mnist1d_mlp'``, and the LSQ-quantized
+        ``'resnet18_lsq'``, ``'mnist1d_cnn_lsq'`` (``quant_bits=``; see
+        :mod:`experiments.lsq`; initialise them with ``init_model(..., sample=)``).
       num_classes: number of output logits.
       **kwargs: overrides of the model's attributes, e.g. ``stem='cifar'`` for
         a ResNet on 32x32 images (the ResNet default is ``'imagenet'``),

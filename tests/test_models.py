@@ -133,6 +133,8 @@ OTHER_SHAPES = [
     ("mnist_cnn", {}, (28, 28, 1)),
     ("mnist1d_cnn", {}, (40,)),
     ("mnist1d_mlp", {}, (40,)),
+    ("resnet18_lsq", {"stem": "cifar", "quant_bits": 2}, (32, 32, 3)),  # LSQ: tests/test_lsq.py
+    ("mnist1d_cnn_lsq", {}, (40,)),
 ]
 
 
