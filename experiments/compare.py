@@ -122,6 +122,10 @@ def make_config(method: str, seed: int, args: argparse.Namespace):
         config.num_epochs = args.epochs
     if args.label_noise is not None:
         config.label_noise = args.label_noise
+    if args.quant_bits is not None:
+        if "quant_bits" not in config.model_kwargs:
+            raise SystemExit(f"--quant_bits: {args.dataset}'s model {config.model} is not quantized")
+        config.model_kwargs.quant_bits = args.quant_bits
     if args.smoke:
         config.saf.start_epoch = 0
         config.mesa.start_epoch = 0
@@ -503,6 +507,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="fraction of training labels flipped (default: the config's; mnist1d: 0.3)",
     )
     p.add_argument("--clean", action="store_true", help="no label noise (same as --label_noise 0)")
+    p.add_argument(
+        "--quant_bits",
+        type=int,
+        default=None,
+        help="LSQ bit width of a quantized task's model (mnist1d_lsq; default: the config's, 4)",
+    )
     p.add_argument("--methods", default=",".join(DEFAULT_METHODS))
     p.add_argument("--out", default="runs/compare")
     p.add_argument(

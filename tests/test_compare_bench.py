@@ -102,3 +102,12 @@ def test_bench_smoke_runs_every_method(tmp_path):
     assert rows["vsam"]["t_reuse_step_s"] > 0 and rows["vsam"]["t_sam_step_s"] > 0
     assert rows["saf"]["saf_buffer_bytes"] > 0
     assert any(f.startswith("bench_") for f in os.listdir(tmp_path))
+
+
+def test_quant_bits_flag_sets_the_lsq_models_bits_and_refuses_float_models():
+    cfg = compare.make_config(
+        "vsam", 0, compare.parse_args(["--dataset", "mnist1d_lsq", "--quant_bits", "2"])
+    )
+    assert cfg.model == "mnist1d_cnn_lsq" and cfg.model_kwargs.quant_bits == 2
+    with pytest.raises(SystemExit, match="not quantized"):
+        compare.make_config("sgd", 0, compare.parse_args(["--quant_bits", "2"]))
