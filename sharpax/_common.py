@@ -89,8 +89,9 @@ def check_number(
 ) -> None:
     """Range check of a real hyperparameter; raises TypeError/ValueError naming it.
 
-    Concrete real scalars (Python, NumPy or jax) are checked against ``low`` /
-    ``high`` (``low_open``: ``value > low``). Booleans, strings, None and other
+    Concrete real scalars (Python, NumPy or jax) must be finite (NaN and inf
+    raise ``ValueError``) and are checked against ``low`` / ``high``
+    (``low_open``: ``value > low``). Booleans, strings, None and other
     non-numbers raise ``TypeError``. Tracers pass (they cannot be checked eagerly),
     and so do callables when ``schedule`` (an optax schedule of the step count).
     """
@@ -109,6 +110,9 @@ def check_number(
         if isinstance(value, (np.ndarray, jax.Array)) and _is_real(value.dtype):
             return  # a non-scalar array: left to the math (e.g. per-device arrays)
         raise TypeError(f"{name} must be a number, got {value!r} of type {type(value).__name__}.")
+    if not np.isfinite(array):
+        # NaN passes every comparison below (they are all False): reject it by name.
+        raise ValueError(f"{name} must be finite, got {value}.")
     too_low = low is not None and (array <= low if low_open else array < low)
     too_high = high is not None and array > high
     if too_low or too_high:
