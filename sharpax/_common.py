@@ -149,6 +149,26 @@ def require_params(params: Any, owner: str) -> None:
         )
 
 
+def check_same_shapes(tree: Any, like: Any, what: str, owner: str) -> None:
+    """Trace-time check that ``tree`` has ``like``'s structure and leaf shapes (error names the leaf).
+
+    Without it a leaf of another shape could broadcast silently into the update.
+    """
+    try:
+        pairs = jax.tree.map(lambda a, b: (a, b), tree, like)
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"sharpax.{owner}: {what} must have the structure of the gradients: "
+                         f"{err}") from None  # fmt: skip
+    for path, (a, b) in jax.tree_util.tree_leaves_with_path(
+        pairs, is_leaf=lambda x: isinstance(x, tuple) and len(x) == 2
+    ):
+        if jnp.shape(a) != jnp.shape(b):
+            raise ValueError(
+                f"sharpax.{owner}: {what} at {jax.tree_util.keystr(path)} has shape "
+                f"{jnp.shape(a)}, the gradient there has shape {jnp.shape(b)}."
+            )
+
+
 # --------------------------------------------------------------------------- math
 
 
@@ -264,6 +284,7 @@ def sam_gradient(
     eps: jax.Array | float = 1e-12,
     axis_name: str | None = None,
     adaptive_mask: Any = None,
+    owner: str = "sam",
 ) -> Any:
     """The SAM gradient ``grad_fn(w + ε)`` in the dtypes of ``grads``.
 
@@ -276,4 +297,6 @@ def sam_gradient(
     eps_tree = perturbation(
         ascent, params, rho, adaptive=adaptive, eta=eta, eps=eps, adaptive_mask=adaptive_mask
     )
-    return optax.tree.cast_like(grad_fn(optax.apply_updates(params, eps_tree)), grads)
+    g_s = grad_fn(optax.apply_updates(params, eps_tree))
+    check_same_shapes(g_s, grads, "grad_fn's output", owner)
+    return optax.tree.cast_like(g_s, grads)

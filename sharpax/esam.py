@@ -173,6 +173,7 @@ def esam(
             g_s = _sds_gradient(loss_fn, batch, losses, params, perturbed, gamma)
         elif grad_fn is not None:
             g_s = grad_fn(perturbed)
+            _common.check_same_shapes(g_s, updates, "grad_fn's output", "esam")
         else:
             g_s = jax.grad(lambda p: jnp.mean(loss_fn(p, batch)))(perturbed)
         new_state = ESAMState(

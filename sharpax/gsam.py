@@ -128,10 +128,12 @@ def gsam(
         if adaptive:
             ascent = _common.maybe_pmean(updates, axis_name)
             eps_tree = _scaled_perturbation(ascent, params, rho_t, eps)
-            g_s = optax.tree.cast_like(grad_fn(optax.apply_updates(params, eps_tree)), updates)
+            g_s = grad_fn(optax.apply_updates(params, eps_tree))
+            _common.check_same_shapes(g_s, updates, "grad_fn's output", "gsam")
+            g_s = optax.tree.cast_like(g_s, updates)
         else:
             g_s = _common.sam_gradient(
-                updates, params, grad_fn, rho_t, eps=eps, axis_name=axis_name
+                updates, params, grad_fn, rho_t, eps=eps, axis_name=axis_name, owner="gsam"
             )
         if minimize_fp:
             g_perp = _orthogonal_to(updates, g_s)

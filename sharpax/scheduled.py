@@ -165,7 +165,9 @@ def _build(
 
         def sam_branch(operand):
             g, cache = operand
-            g_s = _common.sam_gradient(g, params, grad_fn, rho_t, eps=eps, axis_name=axis_name)
+            g_s = _common.sam_gradient(
+                g, params, grad_fn, rho_t, eps=eps, axis_name=axis_name, owner=owner
+            )
             out, cache = reuse.on_sam_step(g, g_s, cache, step)
             return out, cache, None if stats_fn is None else stats_fn(g, g_s, params)
 

@@ -76,8 +76,9 @@ def trajectory_kl(
     ref = jax.lax.stop_gradient(jnp.asarray(ref_logits)).astype(jnp.float32)
     log_p = jax.nn.log_softmax(ref / tau, axis=-1)
     p = jnp.exp(log_p)
-    # p == 0 (e.g. a -inf reference logit) contributes 0, not 0 * inf = NaN.
-    kl = jnp.sum(jnp.where(p > 0, p * (log_p - log_q), 0.0), axis=-1)
+    # p == 0 (e.g. a -inf reference logit) contributes 0, not 0 * inf = NaN; a NaN
+    # reference (p NaN) gives a NaN KL: reported, never counted as 0.
+    kl = jnp.sum(jnp.where(p == 0, 0.0, p * (log_p - log_q)), axis=-1)
     return tau * tau * kl
 
 

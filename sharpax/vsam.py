@@ -44,6 +44,8 @@ class VarianceAdaptiveState(NamedTuple):
         far in the current window, ``plan[window_pos:]`` the planned ones for
         the rest of it (exact if the caller follows ``sam_due``).
       num_recorded: int32 scalar, SAM steps recorded in the buffers so far.
+      num_skipped: int32 scalar, SAM steps whose ``n`` or ``r`` was not finite:
+        taken, but not recorded, so the rate stays finite and SAM steps go on.
       psf_norms: float32 ``[window]``, n = ‖psf‖ of the last ``window`` SAM
         steps, oldest first (the last ``min(num_recorded, window)`` entries are
         valid).
@@ -62,6 +64,7 @@ class VarianceAdaptiveState(NamedTuple):
     window_pos: jax.Array
     plan: jax.Array
     num_recorded: jax.Array
+    num_skipped: jax.Array
     psf_norms: jax.Array
     psf_ratios: jax.Array
     psf_vars: jax.Array
@@ -133,7 +136,11 @@ def variance_adaptive(
         # Every leaf its own buffer (no shared zeros), so a train state can be donated to jit.
         buffers = {f: jnp.zeros([window], _F32) for f in ("psf_norms", "psf_ratios", "psf_vars")}
         return VarianceAdaptiveState(
-            num_recorded=jnp.zeros([], jnp.int32), key=key, **buffers, **fields
+            num_recorded=jnp.zeros([], jnp.int32),
+            num_skipped=jnp.zeros([], jnp.int32),
+            key=key,
+            **buffers,
+            **fields,
         ), due
 
     def sam_stats_fn(grads: Any, sam_grads: Any, params: Any) -> tuple[jax.Array, jax.Array]:
@@ -149,7 +156,12 @@ def variance_adaptive(
     def update_fn(state: VarianceAdaptiveState, info: StepInfo):
         did = info.did_sam
         n, r = info.sam_stats
-        num, norms, ratios, vars_ = _record(state, did, n, r, blocks)
+        # A SAM step whose statistics are not finite is taken but not recorded (one NaN
+        # would make base_rate NaN for good and stop the SAM steps); it is counted instead.
+        finite = jnp.isfinite(n) & jnp.isfinite(r)
+        num, norms, ratios, vars_ = _record(state, did & finite, n, r, blocks)
+        skipped = jnp.where(did & ~finite, optax.safe_increment(state.num_skipped),
+                            state.num_skipped)  # fmt: skip
         in_window = info.step >= warmup_steps
         taken = state.taken + (did & in_window).astype(jnp.int32)
         history = jnp.where(in_window, state.plan.at[state.window_pos].set(did), state.plan)
@@ -158,8 +170,8 @@ def variance_adaptive(
             num, ratios, vars_, state.key, config,
         )  # fmt: skip
         new_state = VarianceAdaptiveState(
-            num_recorded=num, psf_norms=norms, psf_ratios=ratios, psf_vars=vars_, key=state.key,
-            **fields,
+            num_recorded=num, num_skipped=skipped, psf_norms=norms, psf_ratios=ratios,
+            psf_vars=vars_, key=state.key, **fields,
         )  # fmt: skip
         return new_state, due
 

@@ -65,7 +65,9 @@ def assert_same_state(old, new, kind):
     if kind == "looksam":
         pairs = {"g_v": new.reuse.g_v, "g_v_norm": new.reuse.g_v_norm}
     else:
-        pairs = {f: getattr(new.schedule, f) for f in new.schedule._fields if f != "num_recorded"}
+        skip = ("num_recorded", "num_skipped")  # new fields; num_skipped stays 0 here
+        pairs = {f: getattr(new.schedule, f) for f in new.schedule._fields if f not in skip}
+        assert int(new.schedule.num_skipped) == 0
         pairs.update({f: getattr(new.reuse, f) for f in new.reuse._fields})
         np.testing.assert_array_equal(old.num_sam_steps, new.schedule.num_recorded)
     for f, value in pairs.items():

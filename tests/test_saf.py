@@ -586,3 +586,15 @@ def test_end_to_end_saf_training():
     buffer = np.asarray(state.logits)
     for epoch, ids, logits in logged[-2 * (EN // EB) :]:
         np.testing.assert_array_equal(buffer[ids, epoch % 2], logits)
+
+
+def test_saf_term_is_nan_when_a_used_reference_is_nan():
+    traj = sharpax.saf(num_examples=4, num_classes=2, lag=1, start_epoch=0)
+    state = traj.init()
+    ids = jnp.array([0, 3])
+    bad = jnp.array([[0.5, 1.0], [jnp.nan, 0.0]])  # example 3's logits are NaN at epoch 0
+    _, state = traj.update(state, bad, ids, 0)
+    term, _ = traj.update(state, jnp.ones((2, 2)), ids, 1)  # reads epoch 0's references
+    assert np.isnan(float(term))
+    clean_term, _ = traj.update(state, jnp.ones((1, 2)), jnp.array([0]), 1)
+    assert np.isfinite(float(clean_term))  # example 0's reference is finite

@@ -408,3 +408,24 @@ def test_bounded_variance_adaptive_through_scheduled_sam():
     assert not all(did[:6])  # ... and the bound forbids some
     assert sum(did) > 0
     assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(params))
+
+
+def test_vsam_schedule_skips_non_finite_statistics_and_keeps_taking_sam_steps():
+    schedule = schedules.variance_adaptive(window=4, blocks=2)
+    state, due = schedule.init(None)
+    rng = np.random.default_rng(0)
+    finite_sam_steps, injected = 0, False
+    for step in range(40):
+        did = jnp.asarray(bool(due))
+        stats = (jnp.float32(rng.uniform(0.5, 1.5)), jnp.float32(rng.uniform(0.1, 0.3)))
+        if bool(due) and step >= 8 and not injected:
+            stats = (jnp.float32(np.nan), jnp.float32(np.nan))  # one SAM step's statistics: NaN
+            injected = True
+        elif bool(due):
+            finite_sam_steps += 1
+        info = schedules.StepInfo(jnp.int32(step), did, None, stats)
+        state, due = schedule.update(state, info)
+    assert injected and int(state.num_skipped) == 1
+    assert int(state.num_recorded) == finite_sam_steps
+    assert np.all(np.isfinite(np.asarray(state.psf_norms)))
+    assert np.isfinite(float(state.base_rate)) and int(state.quota) >= 1  # SAM steps go on

@@ -179,3 +179,11 @@ def train(wrapped, traj_state, after_step, check_batch=None):
             logged.append((epoch, batch["example_id"], np.asarray(out.aux["logits"])))
         ce.append(np.mean(epoch_ce))
     return ce, terms, logged, traj_state
+
+
+def test_a_nan_reference_gives_a_nan_kl_never_zero():
+    logits = jnp.array([[1.0, 2.0, 0.5], [0.3, 0.1, 0.2]])
+    ref = jnp.array([[jnp.nan, 1.0, 0.0], [0.3, -jnp.inf, 0.2]])
+    kl = np.asarray(tr.trajectory_kl(logits, ref, 2.0))
+    assert np.isnan(kl[0])  # NaN is reported
+    assert np.isfinite(kl[1]) and kl[1] > 0  # a -inf reference logit has probability 0: finite
