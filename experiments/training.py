@@ -480,12 +480,42 @@ def make_mesh(devices=None) -> Mesh:
     return Mesh(devices.reshape(-1), ("data",))
 
 
+def check_hyperparameters(config: ml_collections.ConfigDict) -> None:
+    """Rejects, before anything is built or compiled, values that cannot train (ValueError names them).
+
+    A negative or non-finite learning rate, momentum outside [0, 1), a negative or
+    non-finite weight decay, label smoothing outside [0, 1), non-positive epochs or batch.
+    """
+    problems = []
+
+    def number(name, value, ok, want):
+        try:
+            v = float(value)
+        except (TypeError, ValueError):
+            problems.append(f"{name} = {value!r} (not a number)")
+            return
+        if not (np.isfinite(v) and ok(v)):
+            problems.append(f"{name} = {value!r} (must be {want})")
+
+    number("learning_rate", config.learning_rate, lambda v: v > 0, "finite and > 0")
+    number("momentum", config.get("momentum", 0.0), lambda v: 0 <= v < 1, "in [0, 1)")
+    number("weight_decay", config.get("weight_decay", 0.0), lambda v: v >= 0, "finite and >= 0")
+    number("label_smoothing", config.get("label_smoothing", 0.0), lambda v: 0 <= v < 1, "in [0, 1)")
+    for name in ("num_epochs", "batch_size"):
+        value = config.get(name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            problems.append(f"{name} = {value!r} (must be an int >= 1)")
+    if problems:
+        raise ValueError("config values that cannot train: " + "; ".join(problems))
+
+
 def setup(
     config: ml_collections.ConfigDict,
     *,
     train_size: int,
     mesh: Mesh | None = None,
 ) -> Setup:
+    check_hyperparameters(config)
     info = input_pipeline.get_dataset_info(config.dataset)
     num_classes = info.num_classes
     input_shape = tuple(info.input_shape)
@@ -697,6 +727,13 @@ def run_train_epoch(
         for k in sums:
             sums[k] += float(m[k])
     out = {f"train_{k}": v / max(n, 1) for k, v in sums.items()} | {"train_steps": n}
+    if np.isfinite(out["train_loss"]) and not bool(_all_finite(state.params)):
+        # The last update can turn the params non-finite after a finite loss: stop before
+        # the caller evaluates or checkpoints them (the last finite checkpoint stays).
+        raise FloatingPointError(
+            f"{s.config.method}: the parameters are not finite after epoch {epoch} (its last "
+            "update diverged); the run diverged."
+        )
     if not np.isfinite(out["train_loss"]):
         # A diverged run stops here (the CLI and compare exit non-zero), never trains on NaN.
         bad = [i for i, m in enumerate(jax.device_get(pending)) if not np.isfinite(float(m["loss"]))]
@@ -705,6 +742,11 @@ def run_train_epoch(
             f"(first non-finite step of the epoch: {bad[0] if bad else '?'}); the run diverged."
         )
     return state, out
+
+
+@jax.jit
+def _all_finite(tree: Any) -> jax.Array:
+    return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
 def evaluation_state(s: Setup, state: TrainState) -> TrainState:

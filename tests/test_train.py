@@ -293,3 +293,34 @@ def test_msam_with_rho_zero_trains_like_sgd_and_is_evaluated_unperturbed():
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), evaluated, by_hand)
     shift = sum(float(jnp.sum((a - b) ** 2)) for a, b in zip(jax.tree.leaves(evaluated), jax.tree.leaves(state.params)))
     np.testing.assert_allclose(np.sqrt(shift), 0.5, rtol=1e-4)  # the perturbation has norm rho
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("learning_rate", -0.1),
+        ("learning_rate", float("nan")),
+        ("momentum", 2.0),
+        ("weight_decay", -1e-4),
+        ("num_epochs", 0),
+        ("batch_size", 0),
+        ("label_smoothing", 1.0),
+    ],
+)
+def test_hyperparameters_that_cannot_train_are_refused_before_anything_is_built(field, value):
+    config = tiny_config("sam", **{field: value})
+    with pytest.raises(ValueError, match=field):
+        training.setup(config, train_size=64)
+
+
+def test_a_run_that_diverges_on_resume_keeps_the_last_finite_checkpoint(tmp_path):
+    config = tiny_config("sgd", num_epochs=3)
+    train.train_and_evaluate(config, str(tmp_path), progress=False, stop_after_epochs=1)
+    saved = sorted(os.listdir(tmp_path / "checkpoints"))
+    config.learning_rate = 1e30  # the resumed epoch diverges
+    with pytest.raises(FloatingPointError, match="diverged"):
+        train.train_and_evaluate(config, str(tmp_path), progress=False)
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == saved  # nothing written or deleted
+    config.learning_rate = 0.05
+    rows = train.train_and_evaluate(config, str(tmp_path), progress=False, stop_after_epochs=1)
+    assert np.isfinite(rows[-1]["train_loss"]) and rows[-1]["epoch"] == 1  # resumed from epoch 1
