@@ -90,4 +90,13 @@ def default_logits(aux: Any) -> jax.Array:
 
 
 def default_ids(batch: Any) -> jax.Array:
-    return batch["example_id"]
+    """``batch["example_id"]``, or a KeyError that says how to read another key."""
+    try:
+        return batch["example_id"]
+    except (KeyError, TypeError, IndexError):
+        keys = list(batch) if isinstance(batch, dict) else type(batch).__name__
+        raise KeyError(
+            "sharpax.with_saf reads each example's id with ids_fn, by default "
+            f"batch['example_id'], which this batch lacks (it has {keys}); pass e.g. "
+            "ids_fn=lambda batch: batch['id']."
+        ) from None

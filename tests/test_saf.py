@@ -598,3 +598,19 @@ def test_saf_term_is_nan_when_a_used_reference_is_nan():
     assert np.isnan(float(term))
     clean_term, _ = traj.update(state, jnp.ones((1, 2)), jnp.array([0]), 1)
     assert np.isfinite(float(clean_term))  # example 0's reference is finite
+
+
+def test_with_saf_without_example_id_says_how_to_pass_ids_fn():
+    traj = sharpax.saf(num_examples=4, num_classes=2, lag=1, start_epoch=0)
+
+    def loss_fn(w, batch):
+        logits = batch["x"] @ w
+        return jnp.mean(logits**2), {"logits": logits}
+
+    batch = {"x": jnp.ones((2, 3)), "id": jnp.array([0, 1])}
+    with pytest.raises(KeyError, match=r"ids_fn=lambda batch: batch\['id'\]"):
+        sharpax.with_saf(loss_fn, traj)(jnp.ones((3, 2)), traj.init(), batch, 0)
+    loss, out = sharpax.with_saf(loss_fn, traj, ids_fn=lambda b: b["id"])(
+        jnp.ones((3, 2)), traj.init(), batch, 0
+    )
+    assert np.isfinite(float(loss)) and out.state.written_epoch[1].tolist()[0] == 0
