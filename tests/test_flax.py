@@ -70,3 +70,11 @@ def test_sam_step_and_update_kwargs_reach_the_transform():
 def test_import_sharpax_does_not_import_flax():
     code = "import sys, sharpax; assert 'flax' not in sys.modules, 'sharpax imported flax'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_import_sharpax_flax_does_not_import_flax_until_used():
+    code = (
+        "import sys, sharpax.flax as m; assert 'flax.training' not in sys.modules; "
+        "m.TrainState; assert 'flax.training' in sys.modules"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
