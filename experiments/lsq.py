@@ -52,8 +52,7 @@ def quant_range(bits: int, signed: bool) -> tuple[int, int]:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def _lsq(x: jax.Array, s: jax.Array, q_n: int, q_p: int, grad_scale: float) -> jax.Array:
-    v = x.astype(jnp.float32) / s
-    return (jnp.round(jnp.clip(v, -q_n, q_p)) * s).astype(x.dtype)
+    return _lsq_fwd(x, s, q_n, q_p, grad_scale)[0]
 
 
 def _lsq_fwd(x, s, q_n, q_p, grad_scale):

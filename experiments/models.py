@@ -76,7 +76,7 @@ def _conv_factory(quant_bits: int | None) -> Any:
     """``nn.Conv``, or with ``quant_bits`` its LSQ-quantized variant (:mod:`experiments.lsq`)."""
     if quant_bits is None:
         return nn.Conv
-    from experiments import lsq  # noqa: PLC0415 - only the quantized models need it
+    from experiments import lsq  # only the quantized models need it
 
     return lsq.quantized_conv(quant_bits)
 

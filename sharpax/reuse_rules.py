@@ -160,7 +160,7 @@ def orthogonal(alpha: _common.ScalarOrSchedule = 0.7) -> ReuseRule:
         return sam_grads, OrthogonalState(g_v, _common.global_norm(g_v))
 
     def on_reuse_step(grads, state, step):
-        _common.check_same_shapes(state.g_v, grads, "the cached g_v", "looksam")
+        _common.check_same_shapes(state.g_v, grads, "the cached g_v", "reuse_rules.orthogonal")
         alpha_t = _common.value_at(alpha, step)
         scale = alpha_t * _common.safe_div(_common.global_norm(grads), state.g_v_norm)
         out = jax.tree.map(
@@ -253,7 +253,7 @@ def decayed_psf(decay: float = 0.7, max_reuse: int = 6) -> ReuseRule:
 
     def on_reuse_step(grads, state, step):
         del step
-        _common.check_same_shapes(state.psf, grads, "the cached PSF", "vsam")
+        _common.check_same_shapes(state.psf, grads, "the cached PSF", "reuse_rules.decayed_psf")
         reusing = state.reuse_left > 0
         next_weight = (state.reuse_weight * decay).astype(_F32)
         w = jnp.where(reusing, next_weight, jnp.zeros([], _F32))
