@@ -446,7 +446,14 @@ def make_step_fns(setup_args: dict) -> tuple[Callable, Callable]:
         if model_ema is not None:
             new_ema = model_ema.update(state.ema, _variables(params, new_stats))
         acc = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
-        metrics = {"loss": loss, "traj_term": term, "accuracy": acc}
+        # The update norm: a finite loss with a non-finite update (an overflow in the
+        # perturbed pass or the optimizer) is caught at the epoch's one host read.
+        metrics = {
+            "loss": loss,
+            "traj_term": term,
+            "accuracy": acc,
+            "update_norm": optax.tree.norm(updates),
+        }
         new_state = TrainState(
             step=state.step + 1,
             params=params,
@@ -702,10 +709,19 @@ def run_train_epoch(
     epoch: int,
     progress: Callable[[dict], None] | None = None,
 ) -> tuple[TrainState, dict]:
-    """One epoch; returns the new state and host-side epoch metrics."""
-    sums = {"loss": 0.0, "accuracy": 0.0, "traj_term": 0.0}
+    """One epoch; returns the new state and host-side epoch metrics.
+
+    Raises:
+      FloatingPointError: a step's loss or update norm, or the parameters after
+        the epoch, are not finite. The message names the first such step (global
+        and within the 1-based epoch). Checked at the epoch's one device-to-host
+        read of the metrics, so no step waits on the host; the caller has not
+        evaluated or checkpointed anything of this epoch yet.
+    """
+    sums = {"loss": 0.0, "accuracy": 0.0, "traj_term": 0.0, "update_norm": 0.0}
     n = 0
     pending = []
+    first_step = int(jax.device_get(state.step))  # global index of this epoch's first step
     epoch_arr = jnp.asarray(epoch, jnp.int32)
     # MESA: the teacher's forward pass only while its term is on ([start_epoch, end_epoch)).
     teacher = s.config.method != "mesa" or s.traj.active(epoch)
@@ -723,25 +739,31 @@ def run_train_epoch(
         if progress is not None and (n % 10 == 0):
             m = jax.device_get(pending[-1])
             progress({k: float(v) for k, v in m.items()})
-    for m in jax.device_get(pending):
+    host = jax.device_get(pending)
+    _check_finite(s, host, state, epoch, first_step)
+    for m in host:
         for k in sums:
             sums[k] += float(m[k])
     out = {f"train_{k}": v / max(n, 1) for k, v in sums.items()} | {"train_steps": n}
-    if np.isfinite(out["train_loss"]) and not bool(_all_finite(state.params)):
-        # The last update can turn the params non-finite after a finite loss: stop before
-        # the caller evaluates or checkpoints them (the last finite checkpoint stays).
-        raise FloatingPointError(
-            f"{s.config.method}: the parameters are not finite after epoch {epoch} (its last "
-            "update diverged); the run diverged."
-        )
-    if not np.isfinite(out["train_loss"]):
-        # A diverged run stops here (the CLI and compare exit non-zero), never trains on NaN.
-        bad = [i for i, m in enumerate(jax.device_get(pending)) if not np.isfinite(float(m["loss"]))]
-        raise FloatingPointError(
-            f"{s.config.method}: the training loss is {out['train_loss']} in epoch {epoch} "
-            f"(first non-finite step of the epoch: {bad[0] if bad else '?'}); the run diverged."
-        )
     return state, out
+
+
+def _check_finite(s: Setup, host: list[dict], state: TrainState, epoch: int, first_step: int):
+    """Raises FloatingPointError naming the first step whose loss or update is not finite."""
+    for i, m in enumerate(host):
+        bad = [k for k in ("loss", "update_norm") if not np.isfinite(float(m[k]))]
+        if bad:
+            what = " and ".join(f"{k} {float(m[k])}" for k in bad)
+            raise FloatingPointError(
+                f"{s.config.method}: {what} at step {first_step + i + 1} (step {i + 1} of "
+                f"epoch {epoch + 1}); the run diverged. Nothing of this epoch was evaluated "
+                "or checkpointed."
+            )
+    if not bool(_all_finite(state.params)):  # e.g. a finite but overflowing update
+        raise FloatingPointError(
+            f"{s.config.method}: the parameters are not finite after epoch {epoch + 1} (step "
+            f"{first_step + len(host)}); the run diverged."
+        )
 
 
 @jax.jit

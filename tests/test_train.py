@@ -251,6 +251,28 @@ def test_a_diverging_run_stops_with_an_error_naming_the_epoch(tmp_path):
         train.train_and_evaluate(config, str(tmp_path), progress=False)
 
 
+def test_a_finite_loss_with_an_overflowing_update_stops_naming_the_step(tmp_path):
+    # lr 1e38: the first step's loss is finite, its update is not (float32 overflow).
+    config = tiny_config("sam", learning_rate=1e38)
+    with pytest.raises(FloatingPointError, match=r"update_norm inf at step 1 \(step 1 of epoch 1\)"):
+        train.train_and_evaluate(config, str(tmp_path), progress=False)
+    assert not os.path.exists(tmp_path / "checkpoints") or not os.listdir(tmp_path / "checkpoints")
+
+
+def test_the_divergence_message_names_the_global_step_of_a_later_epoch():
+    config = tiny_config("sgd")
+    s = training.setup(config, train_size=64)
+    state = training.init_state(s)
+    epoch = jnp.asarray(0, jnp.int32)
+    for t in range(3):
+        state, _ = s.train_step(state, _synthetic_batch(s, t), epoch, sam_step=None)
+    bad = dict(jax.device_get(_synthetic_batch(s, 9)))
+    bad["image"] = np.full_like(bad["image"], np.nan)
+    good = jax.device_get(_synthetic_batch(s, 8))
+    with pytest.raises(FloatingPointError, match=r"loss nan.* at step 5 \(step 2 of epoch 2\)"):
+        training.run_train_epoch(s, state, [good, bad, good], 1)
+
+
 def _synthetic_batch(s, seed=0):
     rng = np.random.default_rng(seed)
     return training.put_batch(
