@@ -19,7 +19,6 @@ import time
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # tests/: `legacy`
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 from legacy import reuse_v0  # noqa: E402
 
