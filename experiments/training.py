@@ -640,9 +640,9 @@ def init_state(s: Setup, sample: np.ndarray | None = None) -> TrainState:
 
 
 def train_iter(
-    config: ml_collections.ConfigDict, source, epoch: int, steps: int
+    config: ml_collections.ConfigDict, source, epoch: int, steps: int, start_step: int = 0
 ) -> Iterator[dict]:
-    """This process's batches of one training epoch (deterministic in seed and epoch)."""
+    """This process's batches ``start_step..steps - 1`` of one epoch (deterministic in seed and epoch)."""
     preprocess = input_pipeline.get_preprocess(
         config.dataset,
         train=bool(config.get("augment", True)),
@@ -655,9 +655,10 @@ def train_iter(
         config.batch_size,
         config.seed,
         preprocess=preprocess,
+        start_step=start_step,
         num_threads=config.get("data_threads", 0),
     )
-    return itertools.islice(batches, steps)
+    return itertools.islice(batches, steps - start_step)
 
 
 def eval_iter(config: ml_collections.ConfigDict, source) -> Iterator[dict]:
@@ -702,26 +703,32 @@ def next_sam_step(s: Setup, state: TrainState) -> bool | None:
     return s.plan.pop(0)
 
 
-def run_train_epoch(
+METRIC_KEYS = ("loss", "accuracy", "traj_term", "update_norm")
+
+
+def run_train_steps(
     s: Setup,
     state: TrainState,
     batches: Iterator[dict],
     epoch: int,
     progress: Callable[[dict], None] | None = None,
-) -> tuple[TrainState, dict]:
-    """One epoch; returns the new state and host-side epoch metrics.
+    stop: Callable[[int], bool] | None = None,
+) -> tuple[TrainState, list[dict]]:
+    """Runs the steps of ``batches`` (part or all of ``epoch``); returns the state and per-step metrics.
+
+    ``stop(step)``: asked on the host after each step with the number of steps
+    done in all (``state.step``, no device read); True ends the loop early (a
+    SIGTERM checkpoint). ``progress(metrics)``: called every 10 steps.
 
     Raises:
-      FloatingPointError: a step's loss or update norm, or the parameters after
-        the epoch, are not finite. The message names the first such step (global
-        and within the 1-based epoch). Checked at the epoch's one device-to-host
-        read of the metrics, so no step waits on the host; the caller has not
-        evaluated or checkpointed anything of this epoch yet.
+      FloatingPointError: a step's loss or update norm, or the parameters at the
+        end, are not finite. The message names the first such step (global and
+        within the 1-based epoch). Checked at the one device-to-host read of the
+        metrics at the end, so no step waits on the host; nothing of these steps
+        has been evaluated or checkpointed yet.
     """
-    sums = {"loss": 0.0, "accuracy": 0.0, "traj_term": 0.0, "update_norm": 0.0}
-    n = 0
     pending = []
-    first_step = int(jax.device_get(state.step))  # global index of this epoch's first step
+    first_step = int(jax.device_get(state.step))  # global index of the first step here
     epoch_arr = jnp.asarray(epoch, jnp.int32)
     # MESA: the teacher's forward pass only while its term is on ([start_epoch, end_epoch)).
     teacher = s.config.method != "mesa" or s.traj.active(epoch)
@@ -735,34 +742,63 @@ def run_train_epoch(
             state, put_batch(s, batch), epoch_arr, sam_step=sam_step, teacher=teacher
         )
         pending.append(metrics)
-        n += 1
-        if progress is not None and (n % 10 == 0):
+        if progress is not None and (len(pending) % 10 == 0):
             m = jax.device_get(pending[-1])
             progress({k: float(v) for k, v in m.items()})
+        if stop is not None and stop(first_step + len(pending)):
+            break
     host = jax.device_get(pending)
-    _check_finite(s, host, state, epoch, first_step)
+    _check_finite(s, host, state, epoch, first_step, steps_per_epoch=s.steps_per_epoch)
+    return state, host
+
+
+def add_metrics(sums: dict | None, host: list[dict]) -> dict:
+    """Adds per-step metrics to running sums (``{key: float, 'steps': int}``; None: from zero)."""
+    sums = dict(sums) if sums else {k: 0.0 for k in METRIC_KEYS} | {"steps": 0}
     for m in host:
-        for k in sums:
+        for k in METRIC_KEYS:
             sums[k] += float(m[k])
-    out = {f"train_{k}": v / max(n, 1) for k, v in sums.items()} | {"train_steps": n}
-    return state, out
+        sums["steps"] += 1
+    return sums
 
 
-def _check_finite(s: Setup, host: list[dict], state: TrainState, epoch: int, first_step: int):
+def epoch_metrics(sums: dict) -> dict:
+    """``train_<key>`` means and ``train_steps`` of :func:`add_metrics` sums."""
+    n = sums["steps"]
+    return {f"train_{k}": sums[k] / max(n, 1) for k in METRIC_KEYS} | {"train_steps": n}
+
+
+def run_train_epoch(
+    s: Setup,
+    state: TrainState,
+    batches: Iterator[dict],
+    epoch: int,
+    progress: Callable[[dict], None] | None = None,
+) -> tuple[TrainState, dict]:
+    """One epoch (:func:`run_train_steps`); returns the new state and host-side epoch metrics."""
+    state, host = run_train_steps(s, state, batches, epoch, progress)
+    return state, epoch_metrics(add_metrics(None, host))
+
+
+def _check_finite(
+    s: Setup, host: list[dict], state: TrainState, epoch: int, first_step: int, steps_per_epoch: int
+):
     """Raises FloatingPointError naming the first step whose loss or update is not finite."""
+    # The epoch's step of global step g (1-based): epochs start at multiples of steps_per_epoch.
+    in_epoch = first_step - epoch * steps_per_epoch
     for i, m in enumerate(host):
         bad = [k for k in ("loss", "update_norm") if not np.isfinite(float(m[k]))]
         if bad:
             what = " and ".join(f"{k} {float(m[k])}" for k in bad)
             raise FloatingPointError(
-                f"{s.config.method}: {what} at step {first_step + i + 1} (step {i + 1} of "
-                f"epoch {epoch + 1}); the run diverged. Nothing of this epoch was evaluated "
-                "or checkpointed."
+                f"{s.config.method}: {what} at step {first_step + i + 1} (step "
+                f"{in_epoch + i + 1} of epoch {epoch + 1}); the run diverged. Nothing after "
+                "the last checkpoint was evaluated or checkpointed."
             )
     if not bool(_all_finite(state.params)):  # e.g. a finite but overflowing update
         raise FloatingPointError(
-            f"{s.config.method}: the parameters are not finite after epoch {epoch + 1} (step "
-            f"{first_step + len(host)}); the run diverged."
+            f"{s.config.method}: the parameters are not finite after step "
+            f"{first_step + len(host)} (epoch {epoch + 1}); the run diverged."
         )
 
 

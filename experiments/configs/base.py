@@ -67,6 +67,8 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.label_noise_seed = 0
     c.in_memory = True  # decode the split once (CIFAR/MNIST); ImageNet configs turn it off
     c.data_threads = 0  # grain threads building batches (0: in the training thread)
+    # Checkpoint also every N global steps (0: only at the end of each epoch; SIGTERM always).
+    c.checkpoint_every_steps = 0
 
     c.optimizer = "sgd"
     c.learning_rate = 0.1
