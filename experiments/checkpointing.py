@@ -109,7 +109,9 @@ def config_changes(
         return bool(prefixes & (allow | RESUME_INVARIANT_KEYS))
 
     keys = sorted(set(saved) | set(current))
-    return [k for k in keys if saved.get(k, "<absent>") != current.get(k, "<absent>") and not allowed(k)]
+    return [
+        k for k in keys if saved.get(k, "<absent>") != current.get(k, "<absent>") and not allowed(k)
+    ]
 
 
 def versions() -> dict[str, str]:

@@ -179,7 +179,7 @@ def run_method(
         num_sam = training.num_sam_steps(state, method)
         history.append(
             {
-                "epoch": epoch,
+                "epoch": epoch + 1,  # 1-based, as on the console and in metrics.jsonl
                 **train_metrics,
                 **test,
                 "sharpness": float(sharp_fn(state)),
@@ -596,7 +596,7 @@ def main(argv=None) -> dict:
         "task": args.dataset,
         "dataset": config.dataset,
         "seeds": seeds,
-        "epochs": results[0]["history"][-1]["epoch"] + 1 if results else 0,
+        "epochs": results[0]["history"][-1]["epoch"] if results else 0,
         "wall_time_s": elapsed,
         "label_noise": noise,
         "config": json.loads(config.to_json_best_effort()),

@@ -31,8 +31,10 @@ Multi-host: pass ``--distributed`` to call ``jax.distributed.initialize()``
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
+import logging as std_logging
 import os
 import time
 from collections.abc import Iterable
@@ -40,6 +42,7 @@ from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 from tqdm.auto import tqdm
@@ -49,6 +52,7 @@ from experiments import checkpointing, input_pipeline, training
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints and metrics go here.")
 _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize().")
+_ORBAX_INFO = flags.DEFINE_bool("orbax_info", False, "Keep Orbax's INFO log lines.")
 _ALLOW_CONFIG_CHANGE = flags.DEFINE_string(
     "allow_config_change",
     "",
@@ -173,96 +177,159 @@ def _save_config(config, workdir):
             )
 
 
-def _epoch_chunks(s, done: int, every: int, global_step: int):
-    """Steps to run before the next mid-epoch checkpoint (every ``every`` global steps; 0: none)."""
-    left = s.steps_per_epoch - done
-    return min(left, every - global_step % every) if every else left
+@dataclasses.dataclass
+class _Epoch:
+    """Where one epoch stands; a mid-epoch checkpoint saves it (its ``position``)."""
+
+    epoch: int
+    steps_done: int = 0
+    sums: dict | None = None  # training.add_metrics sums of the steps done
+    train_time_s: float = 0.0  # the timed steps: all but the process's first
+    timed_steps: int = 0
+    first_step_s: float = 0.0  # the process's first step, compilation included
+    num_sam_before: int = 0
+
+    def position(self) -> dict:
+        return {"next_epoch": self.epoch, **dataclasses.asdict(self)}
+
+    @classmethod
+    def resume(cls, position: dict, num_sam_before: int) -> _Epoch:
+        if not position["steps_done"]:
+            return cls(position["next_epoch"], num_sam_before=num_sam_before)
+        fields = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in position.items() if k in fields})
+
+
+def _chunk(s, ep: _Epoch, every: int, step: int, compiled: bool) -> int:
+    """Steps to run before the next host stop: the first step alone (compilation, timed apart),
+    then up to the next multiple of ``every`` global steps (a checkpoint) or the epoch's end."""
+    left = s.steps_per_epoch - ep.steps_done
+    if not compiled:
+        return 1
+    return min(left, every - step % every) if every else left
+
+
+def _run_epoch(s, state, ckpt, ep: _Epoch, batches, bar, compiled: list[bool]):
+    """Trains the rest of ``ep``; returns the state and whether the job was pre-empted."""
+    every = s.config.get("checkpoint_every_steps", 0)
+    while ep.steps_done < s.steps_per_epoch:
+        step = int(jax.device_get(state.step))
+        t0 = time.perf_counter()
+        state, host = training.run_train_steps(
+            s,
+            state,
+            itertools.islice(batches, _chunk(s, ep, every, step, compiled[0])),
+            ep.epoch,
+            progress=None if bar.disable else _show(bar, s.config, t0, s.steps_per_epoch),
+            stop=ckpt.preempted,
+        )
+        jax.block_until_ready(state)
+        dt = time.perf_counter() - t0
+        if not host:
+            raise RuntimeError(
+                f"the training data ran out after {ep.steps_done} of epoch {ep.epoch + 1}'s "
+                f"{s.steps_per_epoch} steps"
+            )
+        if compiled[0]:
+            ep.train_time_s += dt
+            ep.timed_steps += len(host)
+        else:
+            ep.first_step_s, compiled[0] = dt, True
+        ep.sums = training.add_metrics(ep.sums, host)
+        ep.steps_done += len(host)
+        bar.n = ep.steps_done
+        step += len(host)
+        preempted = ckpt.preempted(step)
+        if ep.steps_done < s.steps_per_epoch and (preempted or (every and step % every == 0)):
+            ckpt.save(step, state, ep.position(), s.config)  # a mid-epoch checkpoint
+        if preempted:
+            return state, True
+    return state, False
 
 
 def _train_loop(
-    s, state, ckpt, train_source, test_source, workdir, *, stop_after_epochs, progress, allow_changes
+    s,
+    state,
+    ckpt,
+    train_source,
+    test_source,
+    workdir,
+    *,
+    stop_after_epochs,
+    progress,
+    allow_changes,
 ):
     config = s.config
     state, position = _resume(s, state, ckpt, workdir, allow_changes, progress)
     _save_config(config, workdir)
     start_epoch = position["next_epoch"]
     metrics_path = os.path.join(workdir, "metrics.jsonl")
-    rows = [r for r in _read_metrics(metrics_path) if r["epoch"] < start_epoch]
-    every = config.get("checkpoint_every_steps", 0)
+    # Rows number epochs from 1 (as the console does): the finished ones are 1..start_epoch.
+    rows = [r for r in _read_metrics(metrics_path) if r["epoch"] <= start_epoch]
     t_run = time.perf_counter()
-    epochs_done = 0
+    compiled = [False]
     for epoch in range(start_epoch, config.num_epochs):
-        mid = epoch == start_epoch and position["steps_done"] > 0
-        done = position["steps_done"] if mid else 0
-        sums = position["sums"] if mid else None
-        train_time = position["train_time_s"] if mid else 0.0
-        num_sam_before = (
-            position["num_sam_before"] if mid else training.num_sam_steps(state, config.method)
+        num_sam = training.num_sam_steps(state, config.method)
+        ep = (
+            _Epoch.resume(position, num_sam)
+            if epoch == start_epoch
+            else _Epoch(epoch, num_sam_before=num_sam)
         )
         batches = training.train_iter(
-            config, train_source, epoch, s.steps_per_epoch, start_step=done
+            config, train_source, epoch, s.steps_per_epoch, start_step=ep.steps_done
         )
         bar = tqdm(
             total=s.steps_per_epoch,
-            initial=done,
+            initial=ep.steps_done,
             desc=f"{config.method} epoch {epoch + 1}/{config.num_epochs}",
             disable=not progress or jax.process_index() != 0,
             leave=False,
         )
-        preempted = False
-        while done < s.steps_per_epoch and not preempted:
-            step = int(jax.device_get(state.step))
-            chunk = _epoch_chunks(s, done, every, step)
-            t0 = time.perf_counter()
-            state, host = training.run_train_steps(
-                s,
-                state,
-                itertools.islice(batches, chunk),
-                epoch,
-                progress=None if bar.disable else _show(bar, config, t0, s.steps_per_epoch),
-                stop=ckpt.preempted,
-            )
-            jax.block_until_ready(state)
-            train_time += time.perf_counter() - t0
-            if not host:
-                raise RuntimeError(
-                    f"the training data ran out after {done} of epoch {epoch + 1}'s "
-                    f"{s.steps_per_epoch} steps"
-                )
-            sums = training.add_metrics(sums, host)
-            done += len(host)
-            preempted = ckpt.preempted(step + len(host))
-            if done < s.steps_per_epoch:  # a mid-epoch checkpoint: every N steps or SIGTERM
-                position = {
-                    "next_epoch": epoch, "steps_done": done, "sums": sums,
-                    "train_time_s": train_time, "num_sam_before": num_sam_before,
-                }  # fmt: skip
-                ckpt.save(step + len(host), state, position, config)
+        state, preempted = _run_epoch(s, state, ckpt, ep, batches, bar, compiled)
         bar.close()
-        if preempted and done < s.steps_per_epoch:
-            raise checkpointing.Preempted(int(jax.device_get(state.step)), ckpt.directory)
-        row = _epoch_row(s, state, test_source, epoch, sums, train_time, num_sam_before, t_run)
-        rows.append(row)
+        step = int(jax.device_get(state.step))
+        if preempted and ep.steps_done < s.steps_per_epoch:
+            raise checkpointing.Preempted(step, ckpt.directory)
+        rows.append(_epoch_row(s, state, test_source, ep, t_run))
         _write_metrics(metrics_path, rows)
-        ckpt.save(
-            int(jax.device_get(state.step)),
-            state,
-            {"next_epoch": epoch + 1, "steps_done": 0},
-            config,
-        )
-        if jax.process_index() == 0:
-            logging.info("epoch %d: %s", epoch, row)
-            if progress:
-                tqdm.write(
-                    f"[{config.method}] epoch {epoch + 1}: train loss {row['train_loss']:.4f} "
-                    f"test acc {row['test_accuracy']:.4f} ({row['images_per_sec']:.0f} img/s)"
-                )
-        if preempted or ckpt.preempted(int(jax.device_get(state.step))):
-            raise checkpointing.Preempted(int(jax.device_get(state.step)), ckpt.directory)
-        epochs_done += 1
-        if stop_after_epochs is not None and epochs_done >= stop_after_epochs:
+        ckpt.save(step, state, {"next_epoch": epoch + 1, "steps_done": 0}, config)
+        _report_epoch(config, rows[-1], progress)
+        if preempted or ckpt.preempted(step):
+            raise checkpointing.Preempted(step, ckpt.directory)
+        if stop_after_epochs is not None and epoch + 1 - start_epoch >= stop_after_epochs:
             break
+    else:
+        _report_run(config, rows, progress)
     return rows
+
+
+def _report_epoch(config, row, progress):
+    if jax.process_index() != 0:
+        return
+    logging.info("epoch %d: %s", row["epoch"], row)
+    if progress:
+        tqdm.write(
+            f"[{config.method}] epoch {row['epoch']}/{config.num_epochs}: train loss "
+            f"{row['train_loss']:.4f} test acc {row['test_accuracy']:.4f} "
+            f"({row['images_per_sec']:.0f} img/s)"
+        )
+
+
+def _report_run(config, rows, progress):
+    """The end-of-run summary line."""
+    if jax.process_index() != 0 or not rows:
+        return
+    best = max(rows, key=lambda r: r["test_accuracy"])
+    first = sum(r.get("first_step_s", 0.0) for r in rows)
+    line = (
+        f"[{config.method}] done: {len(rows)} epochs, final test acc {rows[-1]['test_accuracy']:.4f} "
+        f"(best {best['test_accuracy']:.4f} in epoch {best['epoch']}), train time "
+        f"{sum(r['train_time_s'] for r in rows):.1f} s (first step incl. compilation {first:.1f} s), "
+        f"median {np.median([r['images_per_sec'] for r in rows]):.0f} img/s"
+    )
+    logging.info("%s", line)
+    if progress:
+        tqdm.write(line)
 
 
 def _show(bar, config, t0, steps_per_epoch):
@@ -280,34 +347,50 @@ def _show(bar, config, t0, steps_per_epoch):
     return show
 
 
-def _epoch_row(s, state, test_source, epoch, sums, train_time, num_sam_before, t_run):
+def _epoch_row(s, state, test_source, ep: _Epoch, t_run):
     config = s.config
     test_metrics = training.evaluate(s, state, training.eval_iter(config, test_source))
     # The model EMA (MESA's teacher, or config.model_ema_horizon_epochs): what the SAF/MESA
     # authors report when their --model-ema is on.
     test_metrics |= training.evaluate_ema(s, state, training.eval_iter(config, test_source))
     num_sam = training.num_sam_steps(state, config.method)
-    train_metrics = training.epoch_metrics(sums)
+    train_metrics = training.epoch_metrics(ep.sums)
     steps = train_metrics["train_steps"]
+    # Throughput without compilation: the process's first step is timed apart.
+    timed = (ep.timed_steps, ep.train_time_s) if ep.timed_steps else (steps, ep.first_step_s)
     return {
-        "epoch": epoch,
+        "epoch": ep.epoch + 1,
         "method": config.method,
         **train_metrics,
         **test_metrics,
-        "images_per_sec": steps * config.batch_size / max(train_time, 1e-9),
-        "sam_step_fraction": (num_sam - num_sam_before) / max(steps, 1),
-        "train_time_s": train_time,
+        "images_per_sec": timed[0] * config.batch_size / max(timed[1], 1e-9),
+        "sam_step_fraction": (num_sam - ep.num_sam_before) / max(steps, 1),
+        "train_time_s": ep.train_time_s + ep.first_step_s,
+        "first_step_s": ep.first_step_s,
         "wall_time_s": time.perf_counter() - t_run,
     }
 
 
+class _QuietOrbax(std_logging.Filter):
+    """Drops Orbax's INFO/DEBUG records (over 90 % of a run's log lines); warnings stay."""
+
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        return (
+            record.levelno >= std_logging.WARNING or f"{os.sep}orbax{os.sep}" not in record.pathname
+        )
+
+
 def main(argv):
     del argv
+    if not _ORBAX_INFO.value:
+        logging.get_absl_handler().addFilter(_QuietOrbax())
     if _DISTRIBUTED.value:
         jax.distributed.initialize()
     config = _CONFIG.value
     if config is None:
-        raise app.UsageError("--config is required, e.g. --config experiments/configs/mnist1d.py:sam")
+        raise app.UsageError(
+            "--config is required, e.g. --config experiments/configs/mnist1d.py:sam"
+        )
     workdir = _WORKDIR.value or os.path.join("runs", config.get("name", "train"))
     if jax.process_index() == 0:
         print(f"config (also in {os.path.join(workdir, 'config.json')}):\n{config}", flush=True)

@@ -33,7 +33,7 @@ def tiny_config(method: str, **overrides):
 
 
 def _timeless(rows):
-    drop = {"images_per_sec", "train_time_s", "wall_time_s"}
+    drop = {"images_per_sec", "train_time_s", "first_step_s", "wall_time_s"}
     return [{k: v for k, v in r.items() if k not in drop} for r in rows]
 
 
@@ -346,4 +346,4 @@ def test_a_run_that_diverges_on_resume_keeps_the_last_finite_checkpoint(tmp_path
     assert sorted(os.listdir(tmp_path / "checkpoints")) == saved  # nothing written or deleted
     config.learning_rate = 0.05
     rows = train.train_and_evaluate(config, str(tmp_path), progress=False, stop_after_epochs=1)
-    assert np.isfinite(rows[-1]["train_loss"]) and rows[-1]["epoch"] == 1  # resumed from epoch 1
+    assert np.isfinite(rows[-1]["train_loss"]) and rows[-1]["epoch"] == 2  # resumed: the 2nd epoch
