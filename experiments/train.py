@@ -10,7 +10,8 @@ Usage::
 Configs are ``ml_collections`` files (``get_config()``); any field can be
 overridden as ``--config.<field>=<value>``. The resolved config is printed and
 saved to ``<workdir>/config.json``. Every epoch writes one JSON line to
-``<workdir>/metrics.jsonl`` and an Orbax checkpoint holding the whole train
+``<workdir>/metrics.jsonl`` and to TensorBoard event files in
+``<workdir>/tensorboard`` (``experiments/metric_writers.py``), and an Orbax checkpoint holding the whole train
 state (params, batch stats, optimizer state including the LookSAM/vSAM
 schedule, PRNG key, SAF buffer or MESA EMA), the data position, the config,
 the versions and checksums of every array (``experiments/checkpointing.py``).
@@ -47,7 +48,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 from tqdm.auto import tqdm
 
-from experiments import checkpointing, input_pipeline, training
+from experiments import checkpointing, input_pipeline, metric_writers, training
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints and metrics go here.")
@@ -141,12 +142,14 @@ def train_and_evaluate(
     s = training.setup(config, train_size=len(train_source), mesh=mesh)
     state = training.init_state(s, training.init_sample(s, train_source))
     ckpt = checkpointing.Checkpointer(workdir)
+    writer = metric_writers.TensorBoardWriter(os.path.join(workdir, "tensorboard"))
     try:
         return _train_loop(
-            s, state, ckpt, train_source, test_source, workdir,
+            s, state, ckpt, writer, train_source, test_source, workdir,
             stop_after_epochs=stop_after_epochs, progress=progress, allow_changes=allow_changes,
         )  # fmt: skip
     finally:
+        writer.close()
         ckpt.close()
 
 
@@ -251,6 +254,7 @@ def _train_loop(
     s,
     state,
     ckpt,
+    writer,
     train_source,
     test_source,
     workdir,
@@ -262,6 +266,7 @@ def _train_loop(
     config = s.config
     state, position = _resume(s, state, ckpt, workdir, allow_changes, progress)
     _save_config(config, workdir)
+    writer.write_hparams(checkpointing.flat_config(config))
     start_epoch = position["next_epoch"]
     metrics_path = os.path.join(workdir, "metrics.jsonl")
     # Rows number epochs from 1 (as the console does): the finished ones are 1..start_epoch.
@@ -292,6 +297,8 @@ def _train_loop(
             raise checkpointing.Preempted(step, ckpt.directory)
         rows.append(_epoch_row(s, state, test_source, ep, t_run))
         _write_metrics(metrics_path, rows)
+        writer.write_scalars(step, {k: v for k, v in rows[-1].items() if k != "method"})
+        writer.flush()
         ckpt.save(step, state, {"next_epoch": epoch + 1, "steps_done": 0}, config)
         _report_epoch(config, rows[-1], progress)
         if preempted or ckpt.preempted(step):

@@ -2,6 +2,7 @@
 
 import json
 import os
+import struct
 
 import jax
 import jax.numpy as jnp
@@ -61,6 +62,26 @@ def test_every_method_runs_one_epoch_through_the_cli_entry_point(method, tmp_pat
     with open(tmp_path / "metrics.jsonl") as f:
         assert json.loads(f.readline())["method"] == method
     assert os.listdir(tmp_path / "checkpoints")
+    if method == "sam":  # TensorBoard: the epoch's scalars at its last global step, and the config
+        values = [(e.step, v) for e in _read_events(tmp_path / "tensorboard") for v in e.summary.value]
+        (acc,) = [(step, v.simple_value) for step, v in values if v.tag == "test_accuracy"]
+        assert acc == (5, pytest.approx(row["test_accuracy"]))
+        (text,) = [v for _, v in values if v.tag.startswith("config")]
+        assert b"| method | 'sam' |" in text.tensor.string_val[0]
+
+
+def _read_events(logdir):
+    """TensorBoard event files read by hand (TFRecord framing: u64 length, u32 crc, data, u32 crc)."""
+    from tensorboardX.proto import event_pb2
+
+    events = []
+    for path in sorted(logdir.glob("events.out.tfevents.*")):
+        data, i = path.read_bytes(), 0
+        while i < len(data):
+            (n,) = struct.unpack("<Q", data[i : i + 8])
+            events.append(event_pb2.Event.FromString(data[i + 12 : i + 12 + n]))
+            i += 12 + n + 4
+    return events
 
 
 def test_config_strings_and_bad_method():
