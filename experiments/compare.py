@@ -25,7 +25,8 @@ it: whether SAM's gain is significant, and which methods keep little of it.
 Writes ``report.md``, ``metrics.json`` (``runs[]`` with every run's method,
 seed, accuracy and history; ``env.label_noise`` with the flip set) and PNG
 plots, among them ``gain_vs_cost.png`` (gain over SGD against step cost, vSAM
-Fig. 1 style) to ``--out``.
+Fig. 1 style) to ``--out``, and TensorBoard event files per run to
+``--out/tensorboard/<method>_seed<k>`` (``tensorboard --logdir <out>/tensorboard``).
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ import optax
 from tqdm.auto import tqdm
 
 import sharpax
-from experiments import input_pipeline, models, stats, training
+from experiments import input_pipeline, metric_writers, models, stats, training
 from experiments.configs import cifar10_cnn_noisy, cifar10_resnet18, cifar100_resnet18
 from experiments.configs import mnist as mnist_config
 from experiments.configs import mnist1d as mnist1d_config
@@ -159,6 +160,9 @@ def run_method(
         disable=args.quiet,
     )
     sam_before = 0
+    writer = metric_writers.TensorBoardWriter(
+        os.path.join(args.out, "tensorboard", f"{method}_seed{seed}")
+    )
     for epoch in range(config.num_epochs):
         # Materialise the epoch's batches first: the timing is of the training steps,
         # not of the Python input pipeline (which dominates for a model this small).
@@ -188,6 +192,8 @@ def run_method(
             }
         )
         sam_before = num_sam
+        writer.write_scalars((epoch + 1) * s.steps_per_epoch, history[-1])
+    writer.close()
     bar.n = bar.total
     bar.close()
     state = training.evaluation_state(s, state)  # MSAM: diagnostics at the unperturbed weights

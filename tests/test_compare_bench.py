@@ -42,6 +42,9 @@ def test_compare_smoke_writes_every_artefact(tmp_path):
     assert "gain" in header and "p (Welch" in header
     assert "| vsam |" in report and "gain_vs_cost.png" in report and "30 % symmetric" in report
     assert result["files"] and all(os.path.exists(f) for f in result["files"])
+    runs_tb = sorted(p.name for p in (out / "tensorboard").iterdir())
+    assert runs_tb == sorted(f"{m}_seed{k}" for m in ("sgd", "sam", "vsam", "saf") for k in (0, 1))
+    assert all(any(d.glob("events.out.tfevents.*")) for d in (out / "tensorboard").iterdir())
 
 
 def test_compare_clean_flag_turns_the_noise_off(tmp_path):
