@@ -150,9 +150,14 @@ def require_params(params: Any, owner: str) -> None:
 
 
 def check_same_shapes(tree: Any, like: Any, what: str, owner: str) -> None:
-    """Trace-time check that ``tree`` has ``like``'s structure and leaf shapes (error names the leaf).
+    """Trace-time check of ``tree`` against ``like``: structure, leaf shapes, dtype kinds.
 
     Without it a leaf of another shape could broadcast silently into the update.
+    A leaf must also be floating point where the gradient is (an integer or
+    complex leaf is a bug, never a precision choice). Float widths may differ and
+    are cast as before: a float32 ``grad_fn`` for bfloat16 gradients, or a
+    cache kept in the params' float32 for bfloat16 gradients, is mixed precision.
+    The error names the leaf.
     """
     try:
         pairs = jax.tree.map(lambda a, b: (a, b), tree, like)
@@ -166,6 +171,12 @@ def check_same_shapes(tree: Any, like: Any, what: str, owner: str) -> None:
             raise ValueError(
                 f"sharpax.{owner}: {what} at {jax.tree_util.keystr(path)} has shape "
                 f"{jnp.shape(a)}, the gradient there has shape {jnp.shape(b)}."
+            )
+        da, db = jnp.result_type(a), jnp.result_type(b)
+        if jnp.issubdtype(db, jnp.floating) and not jnp.issubdtype(da, jnp.floating):
+            raise TypeError(
+                f"sharpax.{owner}: {what} at {jax.tree_util.keystr(path)} has dtype {da}, "
+                f"the gradient there is {db}: it must be floating point."
             )
 
 

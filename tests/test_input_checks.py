@@ -80,3 +80,30 @@ def test_reuse_step_cache_of_another_shape_raises_naming_the_leaf(make):
     state = opt.init(wrong)  # the cache was built for other params
     with pytest.raises(ValueError, match=r"\['a'\]"):
         opt.update(params, state, params, sam_step=False)
+
+
+@pytest.mark.parametrize("make", ["sam", "looksam", "vsam", "gsam", "esam"])
+def test_grad_fn_output_that_is_not_floating_point_raises_naming_the_leaf(make):
+    params = {"a": jnp.ones(3), "b": jnp.ones((2, 2))}
+    opt = {
+        "sam": lambda: sharpax.sam(0.05),
+        "looksam": lambda: sharpax.looksam(0.05),
+        "vsam": lambda: sharpax.vsam(0.05, window=4, blocks=2),
+        "gsam": lambda: sharpax.gsam(0.05, alpha=0.1),
+        "esam": lambda: sharpax.esam(0.05, beta=1.0, gamma=1.0),
+    }[make]()
+    wrong = {"a": jnp.ones(3), "b": jnp.ones((2, 2), jnp.int32)}  # e.g. an argmax, not a gradient
+    kwargs = {"grad_fn": lambda p: wrong}
+    if make in ("looksam", "vsam"):
+        kwargs["sam_step"] = True
+    with pytest.raises(TypeError, match=r"\['b'\].*int32"):
+        opt.update(params, opt.init(params), params, **kwargs)
+
+
+def test_a_float32_grad_fn_for_bfloat16_gradients_is_mixed_precision_not_an_error():
+    params = {"a": jnp.ones(3, jnp.bfloat16)}
+    opt = sharpax.sam(0.05)
+    out, _ = opt.update(
+        params, opt.init(params), params, grad_fn=lambda p: {"a": jnp.full(3, 2.0, jnp.float32)}
+    )
+    assert out["a"].dtype == jnp.bfloat16 and float(out["a"][0]) == 2.0
