@@ -4,6 +4,7 @@ from sharpax import reuse_rules, schedules
 from sharpax.ae_sam import ae_sam
 from sharpax.esam import ESAMState, esam
 from sharpax.gsam import GSAMState, gsam, gsam_rho_schedule
+from sharpax.guards import check_chain
 from sharpax.looksam import looksam
 from sharpax.mesa import MESA, MESAState, mesa, with_mesa
 from sharpax.msam import MSAMState, msam, msam_unperturbed_params
@@ -42,6 +43,7 @@ __all__ = (
     "TrajectoryAux",
     "VSAMState",
     "ae_sam",
+    "check_chain",
     "check_example_ids",
     "esam",
     "gsam",

@@ -90,13 +90,13 @@ def default_logits(aux: Any) -> jax.Array:
 
 
 def default_ids(batch: Any) -> jax.Array:
-    """``batch["example_id"]``, or a KeyError that says how to read another key."""
+    """``batch["id"]`` (as ``experiments/``' pipelines name it), or a KeyError naming ``ids_fn``."""
     try:
-        return batch["example_id"]
+        return batch["id"]
     except (KeyError, TypeError, IndexError):
         keys = list(batch) if isinstance(batch, dict) else type(batch).__name__
         raise KeyError(
             "sharpax.with_saf reads each example's id with ids_fn, by default "
-            f"batch['example_id'], which this batch lacks (it has {keys}); pass e.g. "
-            "ids_fn=lambda batch: batch['id']."
+            f"batch['id'], which this batch lacks (it has {keys}); pass e.g. "
+            "ids_fn=lambda batch: batch['example_id']."
         ) from None

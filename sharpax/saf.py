@@ -388,7 +388,8 @@ def with_saf(
     TrajectoryAux(aux, new_saf_state, term))``, ready for
     ``jax.value_and_grad(f, has_aux=True)``. The logits are read from the aux
     with ``logits_fn`` (default ``aux["logits"]``) and the example ids from the
-    batch with ``ids_fn`` (default ``batch["example_id"]``); ``where_fn(batch)``
+    batch with ``ids_fn`` (default ``batch["id"]``, a ``KeyError`` naming ``ids_fn`` when the
+    batch has no ``"id"``); ``where_fn(batch)``
     optionally gives the padding mask. When the ids (and mask) are concrete, not
     traced, they are checked on the host (:func:`check_example_ids`, in
     ``ValueError`` naming a bad id); traced ids follow :func:`saf`'s in-jit rules
@@ -419,7 +420,7 @@ def with_saf(
       ...     return jnp.mean(logits ** 2), {"logits": logits}
       >>> traj = sharpax.saf(num_examples=8, num_classes=2, lag=1, start_epoch=0)
       >>> f = sharpax.with_saf(loss_fn, traj)
-      >>> batch = {"x": jnp.ones((2, 3)), "example_id": jnp.array([5, 1])}
+      >>> batch = {"x": jnp.ones((2, 3)), "id": jnp.array([5, 1])}
       >>> (loss, out), grads = jax.value_and_grad(f, has_aux=True)(
       ...     jnp.ones((3, 2)), traj.init(), batch, 0)
       >>> print(out.state.written_epoch[5].tolist(), float(out.term))

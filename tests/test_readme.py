@@ -151,3 +151,9 @@ def test_custom_combination_respects_its_budget(snapshots):
     sam_steps = int(ns["sharpax"].num_sam_steps(ns["state"]))
     assert 0 < sam_steps <= 0.3 * 200
     assert isinstance(ns["state"][0].reuse, ns["sharpax"].reuse_rules.DecayedPSFState)
+
+
+def test_check_chain_snippet_passes_sam_first_and_explains_sgd_first(snapshots):
+    ns = _after(snapshots, "sharpax.check_chain(")
+    assert "SAMState at opt_state[1] ascends against the gradient" in ns["message"]
+    assert "optax.chain(sharpax.sam(rho), optax.sgd(lr" in ns["message"]

@@ -275,7 +275,7 @@ def test_unchecked_jit_bad_ids_write_nothing_and_poison_term_and_gradient():
 def test_with_saf_checks_concrete_ids_on_the_host():
     traj = saf(5, 2, lag=1, start_epoch=0)
     f = with_saf(linear_loss, traj)
-    batch = {"x": np.ones((2, 4), np.float32), "example_id": np.array([1, 5])}
+    batch = {"x": np.ones((2, 4), np.float32), "id": np.array([1, 5])}
     w = jnp.ones((4, 2))
     with pytest.raises(ValueError, match=r"\[5\] at positions \[1\]"):
         jax.value_and_grad(f, has_aux=True)(w, traj.init(), batch, 0)
@@ -526,7 +526,7 @@ def test_with_saf_total_aux_and_gradient():
     w0, w1 = rng.normal(size=(2, 4, 2)).astype(np.float32)
     traj = saf(5, 2, lag=1, start_epoch=1, temperature=TAU, weight=WEIGHT)
     f = jax.jit(jax.value_and_grad(with_saf(linear_loss, traj), has_aux=True))
-    batch = {"x": x, "example_id": np.array([4, 0, 2])}
+    batch = {"x": x, "id": np.array([4, 0, 2])}
     (_, out), _ = f(w0, traj.init(), batch, 0)
     (total, out), g = f(w1, out.state, batch, 1)
     z1, z0 = x @ w1, x @ w0
@@ -547,7 +547,7 @@ def test_with_saf_and_sam_write_clean_logits_once():
     f = with_saf(lambda p, b: (jnp.mean(jnp.sum((b["x"] @ p) ** 2, -1)), {"logits": b["x"] @ p}),
                     traj)
     opt = optax.chain(sharpax.sam(0.5), optax.sgd(0.1))
-    batch = {"x": x, "example_id": np.array([0, 1, 2])}
+    batch = {"x": x, "id": np.array([0, 1, 2])}
 
     @jax.jit
     def train_step(w, opt_state, saf_state, epoch):
@@ -574,7 +574,7 @@ def test_end_to_end_saf_training():
         with_saf(ce_loss, traj),
         traj.init(),
         after_step=lambda state, params: state,
-        check_batch=lambda batch: traj.check_ids(batch["example_id"]),
+        check_batch=lambda batch: traj.check_ids(batch["id"]),
     )
     assert np.all(np.isfinite(ce)) and all(np.isfinite(t) for _, t in terms)
     assert ce[-1] < 0.5 * ce[0]
@@ -600,17 +600,21 @@ def test_saf_term_is_nan_when_a_used_reference_is_nan():
     assert np.isfinite(float(clean_term))  # example 0's reference is finite
 
 
-def test_with_saf_without_example_id_says_how_to_pass_ids_fn():
+def test_with_saf_reads_batch_id_and_says_how_to_pass_ids_fn():
     traj = sharpax.saf(num_examples=4, num_classes=2, lag=1, start_epoch=0)
 
     def loss_fn(w, batch):
         logits = batch["x"] @ w
         return jnp.mean(logits**2), {"logits": logits}
 
-    batch = {"x": jnp.ones((2, 3)), "id": jnp.array([0, 1])}
-    with pytest.raises(KeyError, match=r"ids_fn=lambda batch: batch\['id'\]"):
+    batch = {"x": jnp.ones((2, 3)), "example_id": jnp.array([0, 1])}
+    with pytest.raises(KeyError, match=r"by default batch\['id'\].*ids_fn=lambda batch: batch\['example_id'\]"):
         sharpax.with_saf(loss_fn, traj)(jnp.ones((3, 2)), traj.init(), batch, 0)
-    loss, out = sharpax.with_saf(loss_fn, traj, ids_fn=lambda b: b["id"])(
+    loss, out = sharpax.with_saf(loss_fn, traj, ids_fn=lambda b: b["example_id"])(
         jnp.ones((3, 2)), traj.init(), batch, 0
     )
     assert np.isfinite(float(loss)) and out.state.written_epoch[1].tolist()[0] == 0
+    # The default reads batch["id"], the key experiments/' pipelines and the notebook use.
+    renamed = {"x": batch["x"], "id": batch["example_id"]}
+    _, default = sharpax.with_saf(loss_fn, traj)(jnp.ones((3, 2)), traj.init(), renamed, 0)
+    np.testing.assert_array_equal(default.state.written_epoch, out.state.written_epoch)

@@ -131,7 +131,7 @@ def data_source(x, y, epoch):
     perm = np.random.default_rng(100 + epoch).permutation(EN)
     for k in range(0, EN, EB):
         ids = perm[k : k + EB]
-        yield {"x": x[ids], "y": y[ids], "example_id": ids}
+        yield {"x": x[ids], "y": y[ids], "id": ids}
 
 
 def mlp_init():
@@ -176,7 +176,7 @@ def train(wrapped, traj_state, after_step, check_batch=None):
             traj_state = after_step(out.state, params)
             epoch_ce.append(float(out.aux["ce"]))
             terms.append((epoch, float(out.term)))
-            logged.append((epoch, batch["example_id"], np.asarray(out.aux["logits"])))
+            logged.append((epoch, batch["id"], np.asarray(out.aux["logits"])))
         ce.append(np.mean(epoch_ce))
     return ce, terms, logged, traj_state
 

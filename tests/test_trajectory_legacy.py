@@ -335,9 +335,10 @@ def test_with_saf_matches_the_previous_code():
             (total, aux), g = step(w, state, batch, jnp.int32(e // 2))
             state = aux.state
             out.append((total, aux.state, aux.term, aux.aux["logits"], g))
-        # Default readers; concrete ids and a Python epoch (host id check while tracing).
+        # Default readers (the frozen code reads batch["example_id"], sharpax batch["id"]);
+        # concrete ids and a Python epoch (host id check while tracing).
         f_default = m.with_saf(linear_loss, traj)
-        batch = {"x": x, "example_id": np.array([1, 2, 3, 5])}
+        batch = {"x": x, "example_id": np.array([1, 2, 3, 5]), "id": np.array([1, 2, 3, 5])}
         (total, aux), g = jax.jit(
             lambda w, s: jax.value_and_grad(f_default, has_aux=True)(w, s, batch, 3)
         )(ws[0], state)
