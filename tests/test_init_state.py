@@ -44,7 +44,7 @@ def reference_init_state(s, sample=None):
     return jax.tree.map(lambda x: x.copy(), state)
 
 
-def tiny(method, *, lsq=False, devices=8, **overrides):
+def tiny(method, *, lsq=False, **overrides):
     c = (mnist1d_lsq if lsq else mnist1d).get_config(method)
     c.num_epochs = 1
     c.batch_size = 32
@@ -60,8 +60,7 @@ def tiny(method, *, lsq=False, devices=8, **overrides):
             setattr(c[section], field, v)
         else:
             setattr(c, k, v)
-    mesh = training.make_mesh(jax.devices()[:devices])
-    return training.setup(c, train_size=100, mesh=mesh)
+    return training.setup(c, train_size=100)  # a mesh of the 8 fake devices
 
 
 def sample_for(s):
@@ -74,7 +73,6 @@ CASES = {
     # vSAM: random state (seeded); AdamW: two moments; a model EMA beside the model.
     "vsam_adamw_ema": dict(method="vsam", optimizer="adamw", model_ema_horizon_epochs=1.0),
     "saf_sharded_bf16": dict(method="saf", saf__shard_buffer=True, saf__dtype="bfloat16"),
-    "saf_one_device": dict(method="saf", devices=1),
     "mesa": dict(method="mesa"),  # its teacher starts as a copy of the variables
     "lsq_sam": dict(method="sam", lsq=True),  # initialised on a sample of inputs
 }
@@ -88,8 +86,15 @@ def _shard_pointers(tree):
     ]
 
 
+def _assert_abstract_of(abstract, state):
+    assert jax.tree.structure(abstract) == jax.tree.structure(state)
+    for a, x in zip(jax.tree.leaves(abstract), jax.tree.leaves(state), strict=True):
+        assert isinstance(a, jax.ShapeDtypeStruct)
+        assert (a.shape, a.dtype, a.sharding) == (x.shape, x.dtype, x.sharding)
+
+
 @pytest.mark.parametrize("case", CASES)
-def test_init_state_equals_the_eager_reference_leaf_for_leaf(case):
+def test_init_state_equals_the_eager_reference_leaf_for_leaf_and_abstract_state_its_shapes(case):
     s = tiny(**CASES[case])
     sample = sample_for(s)
     new, ref = training.init_state(s, sample), reference_init_state(s, sample)
@@ -106,6 +111,8 @@ def test_init_state_equals_the_eager_reference_leaf_for_leaf(case):
     # No two leaves (nor two shards) share a buffer: the train step donates them all.
     pointers = _shard_pointers(new)
     assert len(set(pointers)) == len(pointers)
+    # abstract_state: the same leaves without values (an LSQ model needs no sample for it).
+    _assert_abstract_of(training.abstract_state(s), new)
 
 
 @pytest.mark.parametrize("case", ["saf_sharded_bf16", "mesa"])
@@ -130,18 +137,6 @@ def test_the_lsq_sample_is_still_checked():
         training.init_state(s, np.zeros((4, *s.input_shape), np.float32))
     with pytest.raises(ValueError, match="per-example shape"):
         training.init_state(s, np.ones((4, 7), np.float32))
-
-
-def _assert_abstract_of(abstract, state):
-    assert jax.tree.structure(abstract) == jax.tree.structure(state)
-    for a, x in zip(jax.tree.leaves(abstract), jax.tree.leaves(state), strict=True):
-        assert isinstance(a, jax.ShapeDtypeStruct)
-        assert (a.shape, a.dtype, a.sharding) == (x.shape, x.dtype, x.sharding)
-
-
-def test_abstract_state_of_an_lsq_model_needs_no_sample():
-    s = tiny(**CASES["lsq_sam"])
-    _assert_abstract_of(training.abstract_state(s), training.init_state(s, sample_for(s)))
 
 
 @pytest.mark.parametrize("case", ["saf_sharded_bf16", "mesa"])
