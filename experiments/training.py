@@ -647,14 +647,6 @@ def _build_state(s: Setup, sample: jax.Array | None) -> TrainState:
     )
 
 
-def _sample_spec(s: Setup, sample: Any) -> jax.ShapeDtypeStruct | None:
-    """The abstract LSQ init sample (its shape and dtype as ``jnp.asarray`` gives them), or None."""
-    if sample is None:
-        return None
-    x = jax.eval_shape(jnp.asarray, sample)
-    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(s.mesh, P()))
-
-
 def abstract_state(s: Setup) -> TrainState:
     """The initial state's ``jax.ShapeDtypeStruct`` leaves, each with its sharding; nothing is allocated.
 
@@ -691,9 +683,8 @@ def init_state(s: Setup, sample: np.ndarray | None = None) -> TrainState:
     """
     if sample is not None:  # models.init_model's checks of the sample, on its concrete values
         jax.eval_shape(lambda: models.init_model(s.model, jax.random.key(0), s.input_shape, sample))
-    spec = _sample_spec(s, sample)
     build = functools.partial(_build_state, s)
-    shardings = state_shardings(s, jax.eval_shape(build, spec))
+    shardings = state_shardings(s, jax.eval_shape(build, sample))
     return jax.jit(build, out_shardings=shardings)(sample)
 
 
