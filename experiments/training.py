@@ -25,6 +25,7 @@ gradient (synced SAM).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
@@ -585,8 +586,12 @@ def setup(
     )
 
 
-def state_shardings(s: Setup, state: TrainState):
-    """Replicated everywhere, except the SAF buffer when ``config.saf.shard_buffer``."""
+def state_shardings(s: Setup, state: Any):
+    """Replicated everywhere, except the SAF buffer when ``config.saf.shard_buffer``.
+
+    ``state``: a :class:`TrainState` of arrays or of ``jax.ShapeDtypeStruct`` (only
+    its tree structure is read).
+    """
     replicated = NamedSharding(s.mesh, P())
     shardings = jax.tree.map(lambda _: replicated, state)
     if s.config.method == "saf" and s.config.saf.get("shard_buffer", False):
@@ -609,11 +614,18 @@ def init_sample(s: Setup, source, n: int = 256) -> np.ndarray | None:
     return np.asarray(batch["image"])[np.asarray(batch["mask"], bool)]
 
 
-def init_state(s: Setup, sample: np.ndarray | None = None) -> TrainState:
-    """The initial train state; ``sample``: inputs to initialise on (see :func:`init_sample`)."""
+def _build_state(s: Setup, sample: jax.Array | None) -> TrainState:
+    """The initial train state, traceable (:func:`init_state` runs it inside one ``jit``).
+
+    ``sample``: a traced batch of inputs for the LSQ models (see :func:`init_sample`),
+    checked beforehand by :func:`init_state`, or None.
+    """
     rng = jax.random.key(s.config.seed)
     init_rng, state_rng = jax.random.split(rng)
-    variables = models.init_model(s.model, init_rng, s.input_shape, sample=sample)
+    if sample is None:
+        variables = models.init_model(s.model, init_rng, s.input_shape)
+    else:  # models.init_model's own call; its checks of `sample` need concrete values
+        variables = dict(s.model.init(init_rng, sample, train=False))
     params = variables["params"]
     batch_stats = variables.get("batch_stats", {})
     opt_state = s.tx.init(params)
@@ -624,7 +636,7 @@ def init_state(s: Setup, sample: np.ndarray | None = None) -> TrainState:
     else:
         traj = {}
     ema = s.model_ema.init(_variables(params, batch_stats)) if s.model_ema is not None else {}
-    state = TrainState(
+    return TrainState(
         step=jnp.zeros([], jnp.int32),
         params=params,
         batch_stats=batch_stats,
@@ -633,10 +645,47 @@ def init_state(s: Setup, sample: np.ndarray | None = None) -> TrainState:
         rng=jax.random.key_data(state_rng),  # raw uint32 key data: checkpointable
         ema=ema,
     )
-    state = jax.device_put(state, state_shardings(s, state))
-    # The step donates its state: no two leaves may share a buffer (an optimizer's
-    # init may reuse one zeros array for several counters).
-    return jax.tree.map(lambda x: x.copy(), state)
+
+
+def abstract_state(s: Setup) -> TrainState:
+    """The initial state's ``jax.ShapeDtypeStruct`` leaves, each with its sharding; nothing is allocated.
+
+    Shapes and dtypes come from ``jax.eval_shape`` of the same function
+    :func:`init_state` compiles, shardings from :func:`state_shardings` (the SAF
+    buffer sharded along the example axis under ``config.saf.shard_buffer``). A
+    restore target that never builds a concrete state, e.g.::
+
+      manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(training.abstract_state(s)), ...))
+
+    Orbax then reads each leaf straight into its sharding.
+    """
+    sample = None
+    if getattr(s.model, "quant_bits", None) is not None:
+        # LSQ: only the values of the init sample depend on data, not the shapes.
+        sample = jax.ShapeDtypeStruct((1, *s.input_shape), jnp.float32)
+    shapes = jax.eval_shape(functools.partial(_build_state, s), sample)
+    return jax.tree.map(
+        lambda x, sharding: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+        shapes,
+        state_shardings(s, shapes),
+    )
+
+
+def init_state(s: Setup, sample: np.ndarray | None = None) -> TrainState:
+    """The initial train state; ``sample``: inputs to initialise on (see :func:`init_sample`).
+
+    Built by one ``jax.jit`` whose ``out_shardings`` are :func:`state_shardings`:
+    every leaf is created in place on its devices (a sharded SAF buffer only as
+    its shards), with no full copy on one device or the host. The outputs of one
+    computation never share a buffer (XLA copies a value returned twice), so the
+    train step can donate every leaf.
+    """
+    if sample is not None:  # models.init_model's checks of the sample, on its concrete values
+        jax.eval_shape(lambda: models.init_model(s.model, jax.random.key(0), s.input_shape, sample))
+    build = functools.partial(_build_state, s)
+    shardings = state_shardings(s, jax.eval_shape(build, sample))
+    return jax.jit(build, out_shardings=shardings)(sample)
 
 
 def train_iter(
