@@ -140,12 +140,11 @@ def train_and_evaluate(
                     f,
                 )
     s = training.setup(config, train_size=len(train_source), mesh=mesh)
-    state = training.init_state(s, training.init_sample(s, train_source))
     ckpt = checkpointing.Checkpointer(workdir)
     writer = metric_writers.TensorBoardWriter(os.path.join(workdir, "tensorboard"))
     try:
         return _train_loop(
-            s, state, ckpt, writer, train_source, test_source, workdir,
+            s, ckpt, writer, train_source, test_source, workdir,
             stop_after_epochs=stop_after_epochs, progress=progress, allow_changes=allow_changes,
         )  # fmt: skip
     finally:
@@ -153,10 +152,15 @@ def train_and_evaluate(
         ckpt.close()
 
 
-def _resume(s, state, ckpt, workdir, allow_changes, progress):
-    """The newest intact checkpoint's state and data position (or the fresh ones)."""
-    restored = ckpt.restore_latest(state, s.config, allow_changes)
+def _resume(s, ckpt, train_source, allow_changes, progress):
+    """The newest intact checkpoint's state and data position, or a fresh state.
+
+    The restore target is abstract (shapes, dtypes, shardings): a resume never
+    builds a concrete state first (that doubled the start-up peak).
+    """
+    restored = ckpt.restore_latest(training.abstract_state(s), s.config, allow_changes)
     if restored is None:
+        state = training.init_state(s, training.init_sample(s, train_source))
         return state, {"next_epoch": 0, "steps_done": 0}
     state, meta, step = restored
     position = meta["position"]
@@ -252,7 +256,6 @@ def _run_epoch(s, state, ckpt, ep: _Epoch, batches, bar, compiled: list[bool]):
 
 def _train_loop(
     s,
-    state,
     ckpt,
     writer,
     train_source,
@@ -264,7 +267,7 @@ def _train_loop(
     allow_changes,
 ):
     config = s.config
-    state, position = _resume(s, state, ckpt, workdir, allow_changes, progress)
+    state, position = _resume(s, ckpt, train_source, allow_changes, progress)
     _save_config(config, workdir)
     writer.write_hparams(checkpointing.flat_config(config))
     start_epoch = position["next_epoch"]

@@ -157,14 +157,6 @@ def _two_checkpoints(tmp_path, method="sgd"):
     return config, work
 
 
-def _target(s):
-    """The state's shapes, dtypes and shardings, built once per test (eager init is slow)."""
-    state = training.init_state(s)
-    return jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state
-    )
-
-
 def _restore(config, workdir, target):
     ckpt = checkpointing.Checkpointer(str(workdir))
     try:
@@ -179,7 +171,7 @@ def test_no_flipped_byte_of_the_latest_checkpoint_restores_silently_different_va
     byte was not used) or, with a warning, the previous step's."""
     config, work = _two_checkpoints(tmp_path)
     s = training.setup(config, train_size=len(input_pipeline.make_source("mnist1d", "train")))
-    target = _target(s)
+    target = training.abstract_state(s)
     pristine = tmp_path / "pristine"
     shutil.copytree(work, pristine)
     latest = _restore(config, work, target)
@@ -273,7 +265,7 @@ def test_every_n_steps_checkpoints_let_a_crashed_run_resume_mid_epoch(tmp_path, 
 
 def _assert_same_final_state(config, a, b):
     s = training.setup(config, train_size=len(input_pipeline.make_source("mnist1d", "train")))
-    target = _target(s)
+    target = training.abstract_state(s)
     sa, sb = _restore(config, a, target), _restore(config, b, target)
     assert sa[2] == sb[2]
     jax.tree.map(np.testing.assert_array_equal, sa[0], sb[0])
