@@ -203,7 +203,12 @@ class _Probe:
         def run(g, state):
             def grad_fn(p):  # the gradient of the linear loss <g, p>: g wherever it is called
                 record(p)
-                return g
+                # Non-floating leaves: zeros in float32 (a transform before SAM may have
+                # turned their gradient into floats; an integer grad_fn output is refused).
+                return jax.tree.map(
+                    lambda x: x if jnp.issubdtype(x.dtype, jnp.floating) else x.astype(jnp.float32),
+                    g,
+                )
 
             def loss_fn(p, batch):  # per-example losses <g, p>, for ESAM's sharpest-examples pass
                 record(p)
