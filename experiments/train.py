@@ -14,8 +14,17 @@ state (params, batch stats, optimizer state including the LookSAM/vSAM
 schedule, PRNG key, SAF buffer or MESA EMA) plus the data position (the next
 epoch); rerunning the same command resumes from the latest checkpoint.
 
-Multi-host: pass ``--distributed`` to call ``jax.distributed.initialize()``
-(cluster auto-detection); each process reads its own slice of every batch.
+Multi-host (``docs/multihost.md``): pass ``--distributed`` to call
+``jax.distributed.initialize()`` with cluster auto-detection (SLURM, Open MPI,
+TPU pods), or ``--coordinator_address=host:port --num_processes=N
+--process_id=i`` on each process elsewhere (e.g. 2 local processes)::
+
+  python -m experiments.train --config experiments/configs/mnist1d.py:sam \
+      --workdir /shared/m1d_sam --coordinator_address=127.0.0.1:12355 \
+      --num_processes=2 --process_id=0   # and --process_id=1 in a second shell
+
+Each process reads its own slice of every global batch; the workdir must be
+on a filesystem all processes share (checkpoints are written by all of them).
 """
 
 from __future__ import annotations
@@ -36,7 +45,26 @@ from experiments import input_pipeline, training
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints and metrics go here.")
-_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize().")
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed",
+    False,
+    "Call jax.distributed.initialize(): with only this flag the cluster (SLURM, Open MPI, "
+    "TPU pods, ...) is auto-detected; see docs/multihost.md.",
+)
+_COORDINATOR_ADDRESS = flags.DEFINE_string(
+    "coordinator_address",
+    None,
+    "host:port of process 0's coordinator, for jax.distributed.initialize (implies "
+    "--distributed; default: auto-detected).",
+)
+_NUM_PROCESSES = flags.DEFINE_integer(
+    "num_processes", None, "Number of processes (implies --distributed; default: auto-detected)."
+)
+_PROCESS_ID = flags.DEFINE_integer(
+    "process_id",
+    None,
+    "This process's index in [0, num_processes) (implies --distributed; default: auto-detected).",
+)
 
 
 def _read_metrics(path: str) -> list[dict]:
@@ -47,6 +75,14 @@ def _read_metrics(path: str) -> list[dict]:
 
 
 def _write_metrics(path: str, rows: list[dict]) -> None:
+    """Replaces ``path`` with ``rows`` (one JSON line each); only process 0 writes.
+
+    Every process holds the same rows (the metrics are global means); several
+    processes writing the same file (and its ``.tmp``) on a shared filesystem
+    would race, and one's ``os.replace`` could find the other's file gone.
+    """
+    if jax.process_index() != 0:
+        return
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         for row in rows:
@@ -197,10 +233,30 @@ def train_and_evaluate(
     return rows
 
 
+def initialize_distributed() -> None:
+    """``jax.distributed.initialize`` from the flags; a no-op without any of them.
+
+    Unset flags are left to JAX's cluster auto-detection (SLURM, Open MPI, TPU
+    pods); on a cluster it cannot detect, pass all three. On CPU the processes'
+    collectives use gloo (``jax_cpu_collectives_implementation``, JAX's default).
+    """
+    explicit = {
+        "coordinator_address": _COORDINATOR_ADDRESS.value,
+        "num_processes": _NUM_PROCESSES.value,
+        "process_id": _PROCESS_ID.value,
+    }
+    if not _DISTRIBUTED.value and all(v is None for v in explicit.values()):
+        return
+    jax.distributed.initialize(**{k: v for k, v in explicit.items() if v is not None})
+    logging.info(
+        "process %d of %d: %d local devices of %d",
+        jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count(),
+    )  # fmt: skip
+
+
 def main(argv):
     del argv
-    if _DISTRIBUTED.value:
-        jax.distributed.initialize()
+    initialize_distributed()
     config = _CONFIG.value
     if config is None:
         raise app.UsageError("--config is required, e.g. --config experiments/configs/mnist1d.py:sam")
