@@ -26,8 +26,17 @@ refused with the differing keys listed; ``--allow_config_change=key1,key2``
 (or ``'*'``) allows it. A run whose loss or update turns non-finite stops
 with an error naming the step (exit code 1); its last finite checkpoint stays.
 
-Multi-host: pass ``--distributed`` to call ``jax.distributed.initialize()``
-(cluster auto-detection); each process reads its own slice of every batch.
+Multi-host (``docs/multihost.md``): pass ``--distributed`` to call
+``jax.distributed.initialize()`` with cluster auto-detection (SLURM, Open MPI,
+TPU pods), or ``--coordinator_address=host:port --num_processes=N
+--process_id=i`` on each process elsewhere (e.g. 2 local processes)::
+
+  python -m experiments.train --config experiments/configs/mnist1d.py:sam \
+      --workdir /shared/m1d_sam --coordinator_address=127.0.0.1:12355 \
+      --num_processes=2 --process_id=0   # and --process_id=1 in a second shell
+
+Each process reads its own slice of every global batch; the workdir must be
+on a filesystem all processes share (checkpoints are written by all of them).
 """
 
 from __future__ import annotations
@@ -52,7 +61,26 @@ from experiments import checkpointing, input_pipeline, metric_writers, training
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints and metrics go here.")
-_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize().")
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed",
+    False,
+    "Call jax.distributed.initialize(): with only this flag the cluster (SLURM, Open MPI, "
+    "TPU pods, ...) is auto-detected; see docs/multihost.md.",
+)
+_COORDINATOR_ADDRESS = flags.DEFINE_string(
+    "coordinator_address",
+    None,
+    "host:port of process 0's coordinator, for jax.distributed.initialize (implies "
+    "--distributed; default: auto-detected).",
+)
+_NUM_PROCESSES = flags.DEFINE_integer(
+    "num_processes", None, "Number of processes (implies --distributed; default: auto-detected)."
+)
+_PROCESS_ID = flags.DEFINE_integer(
+    "process_id",
+    None,
+    "This process's index in [0, num_processes) (implies --distributed; default: auto-detected).",
+)
 _ORBAX_INFO = flags.DEFINE_bool("orbax_info", False, "Keep Orbax's INFO log lines.")
 _ALLOW_CONFIG_CHANGE = flags.DEFINE_string(
     "allow_config_change",
@@ -70,6 +98,14 @@ def _read_metrics(path: str) -> list[dict]:
 
 
 def _write_metrics(path: str, rows: list[dict]) -> None:
+    """Replaces ``path`` with ``rows`` (one JSON line each); only process 0 writes.
+
+    Every process holds the same rows (the metrics are global means); several
+    processes writing the same file (and its ``.tmp``) on a shared filesystem
+    would race, and one's ``os.replace`` could find the other's file gone.
+    """
+    if jax.process_index() != 0:
+        return
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         for row in rows:
@@ -390,12 +426,32 @@ class _QuietOrbax(std_logging.Filter):
         )
 
 
+def initialize_distributed() -> None:
+    """``jax.distributed.initialize`` from the flags; a no-op without any of them.
+
+    Unset flags are left to JAX's cluster auto-detection (SLURM, Open MPI, TPU
+    pods); on a cluster it cannot detect, pass all three. On CPU the processes'
+    collectives use gloo (``jax_cpu_collectives_implementation``, JAX's default).
+    """
+    explicit = {
+        "coordinator_address": _COORDINATOR_ADDRESS.value,
+        "num_processes": _NUM_PROCESSES.value,
+        "process_id": _PROCESS_ID.value,
+    }
+    if not _DISTRIBUTED.value and all(v is None for v in explicit.values()):
+        return
+    jax.distributed.initialize(**{k: v for k, v in explicit.items() if v is not None})
+    logging.info(
+        "process %d of %d: %d local devices of %d",
+        jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count(),
+    )  # fmt: skip
+
+
 def main(argv):
     del argv
     if not _ORBAX_INFO.value:
         logging.get_absl_handler().addFilter(_QuietOrbax())
-    if _DISTRIBUTED.value:
-        jax.distributed.initialize()
+    initialize_distributed()
     config = _CONFIG.value
     if config is None:
         raise app.UsageError(

@@ -604,12 +604,15 @@ def state_shardings(s: Setup, state: Any):
 def init_sample(s: Setup, source, n: int = 256) -> np.ndarray | None:
     """Real inputs to initialise on, for the models that need them (LSQ's step sizes), else None.
 
-    The first ``n`` training examples with eval preprocessing (deterministic).
+    The first ``n`` training examples with eval preprocessing (deterministic), the
+    same on every process: the initial state is replicated, so every process must
+    initialise on the same inputs (not on its own slice of a batch).
     """
     if getattr(s.model, "quant_bits", None) is None:
         return None
     batch = next(iter(input_pipeline.eval_batches(
-        source, n, preprocess=input_pipeline.get_preprocess(s.config.dataset, train=False)
+        source, n, preprocess=input_pipeline.get_preprocess(s.config.dataset, train=False),
+        process_index=0, process_count=1,
     )))  # fmt: skip
     return np.asarray(batch["image"])[np.asarray(batch["mask"], bool)]
 
