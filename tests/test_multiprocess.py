@@ -116,12 +116,12 @@ def test_two_processes_with_a_resume_train_like_one_process(tmp_path):
     _wait(pair)
     first = {method: _read_rows(mp_dir / method) for method in METHODS}
     for method in METHODS:
-        assert [r["epoch"] for r in first[method]] == [0], method
+        assert [r["epoch"] for r in first[method]] == [1], method
     _wait(_start_pair("resumed", mp_dir, tmp_path))
     for method in METHODS:
         config = config_for(method)
         rows = _read_rows(mp_dir / method)  # written by process 0 only
-        assert [r["epoch"] for r in rows] == [r["epoch"] for r in ref_rows[method]] == [0, 1]
+        assert [r["epoch"] for r in rows] == [r["epoch"] for r in ref_rows[method]] == [1, 2]
         # Resumed, not retrained: epoch 0's row (its timings too) is the first pair's.
         assert rows[0] == first[method][0], method
         for key in ("train_loss", "train_traj_term", "test_loss", "sam_step_fraction"):
