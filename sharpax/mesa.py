@@ -37,9 +37,13 @@ class MESAState(NamedTuple):
 
     Attributes:
       ema: exponential moving average of the model variables (same pytree).
-        Floating leaves are kept in at least float32 (a bf16 EMA with decay
-        0.9998 would never move); integer and boolean leaves are copies of the
-        latest variables.
+        Floating leaves are kept in at least float32 (float32 for bfloat16 /
+        float16 variables; float64 stays float64) and updated in that dtype.
+        A bf16 EMA with decay 0.9998 would never move: its step ``(1 − decay)
+        · (v − ema)`` rounds away unless it exceeds half a bf16 unit in the
+        last place of ``ema`` (at least 2⁻⁹·|ema|), i.e. unless ``|v − ema|``
+        is about ten times ``|ema|``. Integer and boolean leaves are copies of
+        the latest variables.
       count: int32 scalar, number of ``update`` calls; a ``decay`` schedule is
         evaluated at it.
     """
@@ -170,6 +174,12 @@ def mesa(
       ``ema_logits`` are constants (``stop_gradient``); ``where`` masks padding.
       Compute ``ema_logits`` with the EMA variables in eval mode; see
       :func:`with_mesa`.
+
+    Precision: the EMA is float32 for half-precision variables (see
+    :class:`MESAState`), so it costs twice the bytes of bf16 params, and the
+    teacher runs on these float32 variables (a model with a half-precision
+    compute dtype casts them as it does its own params). ``loss`` converts
+    both logits to float32 (:func:`sharpax.trajectory_kl`).
 
     Data parallel: replicated params give a replicated EMA; ``loss`` is a
     per-device mean like a per-device cross-entropy.

@@ -284,6 +284,16 @@ def saf(
     stamps). ``dtype=jnp.bfloat16`` halves the logits part; the KL is computed
     in float32 either way.
 
+    Precision: the buffer's ``dtype`` is independent of the model's. Logits
+    are rounded to it once, when written (a bf16 buffer keeps 8 significant
+    bits, a relative error of at most 2⁻⁸ on each reference logit; a buffer
+    as wide as the logits stores them exactly); the reference is read back,
+    converted to float32 and the KL and its gradient are float32 (the gradient
+    then takes the logits' own dtype). A float16 buffer also works, but
+    logits beyond its range (±65504) are stored as ±inf: a +inf reference
+    logit gives a NaN term (reported, never hidden), a −inf one a class of
+    reference probability 0.
+
     Data parallel:
 
     * ``axis_name=None`` under ``jax.jit`` with sharded arrays (global view): the
@@ -309,7 +319,8 @@ def saf(
         authors' ``--kl_end_epoch``); None (default): the term never ends.
       temperature: ``τ`` of :func:`trajectory_kl`.
       weight: ``λ``, the multiplier of the mean trajectory KL.
-      dtype: floating dtype of the buffer (``jnp.float32`` or ``jnp.bfloat16``).
+      dtype: floating dtype of the buffer (``jnp.float32``, ``jnp.bfloat16``, or
+        ``jnp.float16``; see "Precision" above).
       axis_name: mapped axis of ``pmap`` / ``shard_map`` for data parallelism, or
         None.
       debug_checks: if True, ``update`` also checks the ids inside ``jit`` with
