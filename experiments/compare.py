@@ -127,6 +127,10 @@ def make_config(method: str, seed: int, args: argparse.Namespace):
         if "quant_bits" not in config.model_kwargs:
             raise SystemExit(f"--quant_bits: {args.dataset}'s model {config.model} is not quantized")
         config.model_kwargs.quant_bits = args.quant_bits
+    if args.compute_dtype:
+        config.precision.compute_dtype = args.compute_dtype
+    if args.param_dtype:
+        config.precision.param_dtype = args.param_dtype
     if args.smoke:
         config.saf.start_epoch = 0
         config.mesa.start_epoch = 0
@@ -520,6 +524,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="LSQ bit width of a quantized task's model (mnist1d_lsq; default: the config's, 4)",
     )
     p.add_argument("--methods", default=",".join(DEFAULT_METHODS))
+    for field in ("compute_dtype", "param_dtype"):
+        p.add_argument(
+            f"--{field}",
+            default=None,
+            choices=("float32", "bfloat16", "float16"),
+            help=f"config.precision.{field} (default: the config's, float32); float16 turns on "
+            "dynamic loss scaling (experiments/precision.py)",
+        )
     p.add_argument("--out", default="runs/compare")
     p.add_argument(
         "--power_iters",
@@ -618,6 +630,7 @@ def main(argv=None) -> dict:
     report = (
         f"# sharpax compare: {args.dataset}, {task}\n\n"
         f"jax {jax.__version__} on {jax.default_backend()} ({len(jax.devices())} device(s)), "
+        f"compute {config.precision.compute_dtype}, params {config.precision.param_dtype}, "
         f"seeds {seeds}, {env['epochs']} epochs per run, wall time {elapsed:.0f} s. "
         "Same config (lr, batch, epochs, rho) for every method; no per-method tuning. "
         "Intervals are 95 % over seeds (Student t; Welch for differences; Fieller for the "

@@ -14,7 +14,9 @@ checkpoints, and the ``batch_stats`` update stays explicit (returned by
 Every model is called as ``model.apply(variables, x, train=bool)``; inputs are
 NHWC images (``(B, L)`` or ``(B, L, 1)`` sequences for MNIST-1D), outputs are
 float32 logits ``(B, num_classes)`` whatever the compute ``dtype``. Parameters
-are always float32. BatchNorm uses batch statistics when ``train=True`` (call
+are float32 unless a model's ``param_dtype`` says otherwise (applied by
+:func:`init_model`; layers cast them to ``dtype`` to compute); batch
+statistics are always float32. BatchNorm uses batch statistics when ``train=True`` (call
 with ``mutable=['batch_stats']``, or use :func:`apply_model`) and the running
 averages when ``train=False``. Dropout, where a model has it, is off by default;
 with ``dropout_rate > 0`` and ``train=True`` pass ``rngs={'dropout': key}``.
@@ -153,7 +155,9 @@ class ResNet(nn.Module):
         (the kuangliu/pytorch-cifar ResNet-18 used by SAM, SAF and vSAM).
       zero_init_residual: initialise each block's last BN scale to zero
         (Goyal et al. 2017); off by default, as in torchvision.
-      dtype: compute dtype (parameters stay float32).
+      dtype: compute dtype (activations and matmuls).
+      param_dtype: dtype the params are stored in (:func:`init_model` casts
+        the float32 initialisation to it).
       quant_bits: None, or the LSQ bit width (:mod:`experiments.lsq`) of every
         conv in the blocks (inputs and kernels); the stem and the head stay in
         full precision.
@@ -170,6 +174,7 @@ class ResNet(nn.Module):
     stem: str = "imagenet"
     zero_init_residual: bool = False
     dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
     quant_bits: int | None = None
 
     @nn.compact
@@ -279,7 +284,9 @@ class WideResNet(nn.Module):
         PyTorch code used by vSAM/SAF; 36.5M parameters for WRN-28-10) or
         ``'pad'`` for average-pool + zero-pad shortcuts (google-research/sam's
         ``wide_resnet.py``, which follows the AutoAugment code; 36.2M).
-      dtype: compute dtype (parameters stay float32).
+      dtype: compute dtype (activations and matmuls).
+      param_dtype: dtype the params are stored in (:func:`init_model` casts
+        the float32 initialisation to it).
 
     References:
       Zagoruyko & Komodakis, `Wide Residual Networks <https://arxiv.org/abs/1605.07146>`_, 2016
@@ -291,6 +298,7 @@ class WideResNet(nn.Module):
     dropout_rate: float = 0.0
     shortcut: str = "conv"
     dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -366,7 +374,9 @@ class PyramidNet(nn.Module):
       depth: total depth, ``6n + 2`` (110: 18 blocks per group).
       alpha: total width increase over the network (270).
       num_classes: size of the output layer.
-      dtype: compute dtype (parameters stay float32).
+      dtype: compute dtype (activations and matmuls).
+      param_dtype: dtype the params are stored in (:func:`init_model` casts
+        the float32 initialisation to it).
 
     References:
       Han et al, `Deep Pyramidal Residual Networks <https://arxiv.org/abs/1610.02915>`_, 2017
@@ -376,6 +386,7 @@ class PyramidNet(nn.Module):
     alpha: float = 270
     num_classes: int = 10
     dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -455,7 +466,9 @@ class ViT(nn.Module):
       num_heads: attention heads (6).
       mlp_dim: hidden width of the MLP blocks (1536).
       dropout_rate: dropout after attention and in the MLP (0 by default).
-      dtype: compute dtype (parameters stay float32).
+      dtype: compute dtype (activations and matmuls).
+      param_dtype: dtype the params are stored in (:func:`init_model` casts
+        the float32 initialisation to it).
 
     The position embedding has one entry per patch plus the class token, so its
     shape is fixed by the input size used at init (224x224: 7x7 + 1 = 50).
@@ -473,6 +486,7 @@ class ViT(nn.Module):
     mlp_dim: int = 1536
     dropout_rate: float = 0.0
     dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -517,13 +531,15 @@ class MnistCNN(nn.Module):
 
     ``features`` and ``hidden`` change the two convs' channels and the hidden
     layer's width (e.g. ``features=(16, 32), hidden=128`` for a CPU-sized CIFAR
-    net).
+    net). ``dtype`` / ``param_dtype``: compute and stored-params dtypes, as in
+    :class:`ResNet`.
     """
 
     num_classes: int = 10
     features: Sequence[int] = (32, 64)
     hidden: int = 256
     dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -551,6 +567,7 @@ class Mnist1dCNN(nn.Module):
 
     Kernel sizes 5, 3, 3, stride 2, padding 1, ReLU; for length-40 inputs the
     flattened features are 5 x 25 = 125 and the model has 5,210 parameters.
+    ``dtype`` / ``param_dtype`` as in :class:`ResNet`.
 
     References:
       Greydanus, `Scaling down Deep Learning <https://arxiv.org/abs/2011.14439>`_, 2020
@@ -560,6 +577,7 @@ class Mnist1dCNN(nn.Module):
     channels: int = 25
     kernel_sizes: Sequence[int] = (5, 3, 3)
     dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
     quant_bits: int | None = None  # LSQ bits of every conv but the first (the head stays float)
 
     @nn.compact
@@ -575,11 +593,15 @@ class Mnist1dCNN(nn.Module):
 
 
 class MLP(nn.Module):
-    """Fully connected ReLU network on flattened inputs (MNIST-1D baseline: 2 x 100 hidden)."""
+    """Fully connected ReLU network on flattened inputs (MNIST-1D baseline: 2 x 100 hidden).
+
+    ``dtype`` / ``param_dtype`` as in :class:`ResNet`.
+    """
 
     num_classes: int = 10
     hidden_sizes: Sequence[int] = (100, 100)
     dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -675,7 +697,9 @@ def init_model(
 
     Returns:
       The variables dict: ``{'params': ...}`` plus ``'batch_stats'`` for models
-      with BatchNorm. All leaves are float32 arrays.
+      with BatchNorm. Params are in the model's ``param_dtype`` (float32 by
+      default: ``model.init`` itself always creates float32 ones), batch
+      statistics in float32.
 
     Example:
       >>> import jax
@@ -696,8 +720,28 @@ def init_model(
     x = jnp.zeros((1, *input_shape), jnp.float32) if sample is None else jnp.asarray(sample)
     if x.shape[1:] != tuple(input_shape):
         raise ValueError(f"sample has per-example shape {x.shape[1:]}, not {tuple(input_shape)}.")
-    variables = jax.jit(functools.partial(model.init, train=False))(rng, x)
-    return dict(variables)
+    variables = dict(_jitted_init(model)(rng, x))
+    param_dtype = jnp.dtype(getattr(model, "param_dtype", jnp.float32))
+    if param_dtype != jnp.float32:  # rounded once from the float32 initialisation
+        variables["params"] = jax.tree.map(
+            lambda p: p.astype(param_dtype) if jnp.issubdtype(p.dtype, jnp.floating) else p,
+            variables["params"],
+        )
+    return variables
+
+
+def _jitted_init(model: nn.Module) -> Callable:
+    """``jit(model.init)``, one per distinct model (modules are hashable frozen dataclasses),
+    so initialising equal models again (a second seed, a test) reuses the compiled init."""
+    try:
+        return _cached_init(model)
+    except TypeError:  # an unhashable attribute (e.g. a list): compile anew
+        return jax.jit(functools.partial(model.init, train=False))
+
+
+@functools.lru_cache(maxsize=32)
+def _cached_init(model: nn.Module) -> Callable:
+    return jax.jit(functools.partial(model.init, train=False))
 
 
 def apply_model(

@@ -39,7 +39,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import sharpax
-from experiments import input_pipeline, models
+from experiments import input_pipeline, models, precision
 
 
 
@@ -117,19 +117,30 @@ def make_optimizer(
 
     ``vsam_stat_mask``: the ``stat_mask`` of ``sharpax.vsam`` (see
     ``models.last_tensors_mask``; :func:`setup` builds it from
-    ``config.vsam.stat_last_tensors``).
+    ``config.vsam.stat_last_tensors``). With float16 loss scaling
+    (``config.precision``) the whole optimizer is wrapped in
+    ``precision.dynamic_loss_scale`` (skips non-finite steps).
     """
+    return precision.with_loss_scaling(
+        config, _method_optimizer(config, steps_per_epoch, vsam_stat_mask)
+    )
+
+
+def _method_optimizer(config, steps_per_epoch, vsam_stat_mask):
     lr = learning_rate_schedule(config, steps_per_epoch)
+    acc_dtype = precision.state_dtype(config)  # float32 momentum for half-precision params
     if config.optimizer == "sgd":
         base = optax.chain(
             optax.add_decayed_weights(config.weight_decay, mask=_decay_mask(config)),
-            optax.sgd(lr, momentum=config.momentum, nesterov=config.get("nesterov", False)),
-        )
+            optax.sgd(lr, momentum=config.momentum, nesterov=config.get("nesterov", False),
+                      accumulator_dtype=acc_dtype),
+        )  # fmt: skip
     elif config.optimizer == "adamw":
         base = optax.chain(
             optax.clip_by_global_norm(config.get("grad_clip", 1.0)),
-            optax.adamw(lr, b1=0.9, b2=0.999, weight_decay=config.weight_decay),
-        )
+            optax.adamw(lr, b1=0.9, b2=0.999, weight_decay=config.weight_decay,
+                        mu_dtype=acc_dtype),
+        )  # fmt: skip
     else:
         raise ValueError(f"unknown optimizer {config.optimizer!r}")
 
@@ -398,10 +409,6 @@ def make_step_fns(setup_args: dict) -> tuple[Callable, Callable]:
         logits, new_stats = forward(params, batch_stats, batch["image"], rng)
         return cross_entropy(logits, batch["label"], num_classes, smoothing), (logits, new_stats)
 
-    def task_loss(params, batch_stats, batch, rng):
-        losses, (logits, new_stats) = example_losses(params, batch_stats, batch, rng)
-        return losses.mean(), (logits, new_stats)
-
     def train_step(
         state: TrainState,
         batch: dict,
@@ -410,9 +417,14 @@ def make_step_fns(setup_args: dict) -> tuple[Callable, Callable]:
         teacher: bool = True,
     ):
         rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+        # float16 loss scaling: every gradient of the step (clean pass, grad_fn, ESAM's
+        # loss_fn) runs its backward pass at the optimizer state's scale and comes out
+        # unscaled (precision.scaled_backward); without loss scaling, example_losses.
+        scale = precision.loss_scale(state.opt_state)
+        losses_fn = precision.scaled_backward(example_losses, scale)
 
         def task(params, b):
-            losses, (logits, new_stats) = example_losses(params, state.batch_stats, b, rng)
+            losses, (logits, new_stats) = losses_fn(params, state.batch_stats, b, rng)
             loss = losses.mean()
             return loss, {"loss": loss, "losses": losses, "logits": logits, "batch_stats": new_stats}
 
@@ -430,13 +442,13 @@ def make_step_fns(setup_args: dict) -> tuple[Callable, Callable]:
         # train-mode forward, batch-statistics updates discarded.
         def grad_fn(params, *unused):  # optax.contrib.sam also passes its inner step index
             del unused
-            return jax.grad(lambda p: task_loss(p, state.batch_stats, batch, rng)[0])(params)
+            return jax.grad(lambda p: losses_fn(p, state.batch_stats, batch, rng)[0].mean())(params)
 
         extra = {"grad_fn": grad_fn}
         if spec.scheduled:
             extra["sam_step"] = sam_step
         if spec.example_losses:  # ESAM's data selection: per-example losses, same forward
-            extra["loss_fn"] = lambda p, b: example_losses(p, state.batch_stats, b, rng)[0]
+            extra["loss_fn"] = lambda p, b: losses_fn(p, state.batch_stats, b, rng)[0]
             extra["batch"] = batch
             extra["losses"] = jax.lax.stop_gradient(out.aux["losses"])  # saves a forward
         updates, opt_state = tx.update(grads, state.opt_state, state.params, **extra)
@@ -537,7 +549,7 @@ def setup(
     steps_per_epoch = train_size // config.batch_size
     if config.get("max_steps_per_epoch"):
         steps_per_epoch = min(steps_per_epoch, config.max_steps_per_epoch)
-    model = models.get_model(config.model, num_classes, **dict(config.get("model_kwargs", {})))
+    model = models.get_model(config.model, num_classes, **precision.model_kwargs(config))
     stat_mask = None
     if config.method == "vsam" and config.vsam.get("stat_last_tensors", 0):
         stat_mask = models.last_tensors_mask(model, input_shape, config.vsam.stat_last_tensors)
@@ -827,9 +839,20 @@ def run_train_epoch(
     epoch: int,
     progress: Callable[[dict], None] | None = None,
 ) -> tuple[TrainState, dict]:
-    """One epoch (:func:`run_train_steps`); returns the new state and host-side epoch metrics."""
+    """One epoch (:func:`run_train_steps`); returns the new state and host-side epoch metrics.
+
+    Steps skipped by float16 loss scaling (an overflow of the scaled backward
+    pass) have a zero update and are not divergence: they are counted in
+    ``train_skipped_steps``, beside the final ``loss_scale`` (see
+    :mod:`experiments.precision`).
+    """
+    skipped_before = precision.skipped_steps(state.opt_state)  # None without loss scaling
     state, host = run_train_steps(s, state, batches, epoch, progress)
-    return state, epoch_metrics(add_metrics(None, host))
+    out = epoch_metrics(add_metrics(None, host))
+    if skipped_before is not None:
+        out["train_skipped_steps"] = precision.skipped_steps(state.opt_state) - skipped_before
+        out["loss_scale"] = float(jax.device_get(precision.loss_scale(state.opt_state)))
+    return state, out
 
 
 def _check_finite(

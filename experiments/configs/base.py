@@ -85,6 +85,20 @@ def get_base_config() -> ml_collections.ConfigDict:
     # horizon in epochs, 0: off. MESA's teacher is such an EMA and is always evaluated.
     c.model_ema_horizon_epochs = 0.0
 
+    # Mixed precision (experiments/precision.py): the models' compute dtype and the params'
+    # stored dtype ('float32', 'bfloat16', 'float16'); loss_scale 'auto' is dynamic loss
+    # scaling iff float16 is involved (skipped non-finite steps are counted, not divergence).
+    c.precision = ml_collections.ConfigDict(
+        dict(
+            compute_dtype="float32",
+            param_dtype="float32",
+            loss_scale="auto",
+            loss_scale_init=2.0**15,
+            loss_scale_period=2000,
+            loss_scale_factor=2.0,
+        )
+    )
+
     # LookSAM / vSAM: 'host' dispatches between two compiled steps from
     # sharpax.upcoming_sam_steps(opt_state); 'cond' decides on device with lax.cond.
     c.dispatch = "host"
