@@ -43,6 +43,17 @@ def test_non_finite_hyperparameters_raise_naming_the_argument(case, value):
         CASES[case](value)
 
 
+SAM_TYPE = {  # the transforms that call grad_fn, with a SAM step on their first update
+    "sam": lambda: sharpax.sam(0.05),
+    "looksam": lambda: sharpax.looksam(0.05),
+    "vsam": lambda: sharpax.vsam(0.05, window=4, blocks=2),
+    "gsam": lambda: sharpax.gsam(0.05, alpha=0.1),
+    "esam": lambda: sharpax.esam(0.05, beta=1.0, gamma=1.0),
+    "ae_sam": lambda: sharpax.ae_sam(0.05, total_steps=10),
+    "ss_sam": lambda: sharpax.ss_sam(0.05, probability=1.0),
+}
+
+
 def _mismatch_cases():
 
     params = {"a": jnp.ones(3), "b": jnp.ones((2, 2))}
@@ -56,15 +67,7 @@ def _mismatch_cases():
 def test_grad_fn_output_of_another_shape_raises_naming_the_leaf(make):
 
     params, wrong = _mismatch_cases()
-    opt = {
-        "sam": lambda: sharpax.sam(0.05),
-        "looksam": lambda: sharpax.looksam(0.05),
-        "vsam": lambda: sharpax.vsam(0.05, window=4, blocks=2),
-        "gsam": lambda: sharpax.gsam(0.05, alpha=0.1),
-        "esam": lambda: sharpax.esam(0.05, beta=1.0, gamma=1.0),
-        "ae_sam": lambda: sharpax.ae_sam(0.05, total_steps=10),
-        "ss_sam": lambda: sharpax.ss_sam(0.05, probability=1.0),
-    }[make]()
+    opt = SAM_TYPE[make]()
     kwargs = {"grad_fn": lambda p: wrong}
     if make in ("looksam", "vsam", "ss_sam", "ae_sam"):
         kwargs["sam_step"] = True
@@ -85,13 +88,7 @@ def test_reuse_step_cache_of_another_shape_raises_naming_the_leaf(make):
 @pytest.mark.parametrize("make", ["sam", "looksam", "vsam", "gsam", "esam"])
 def test_grad_fn_output_that_is_not_floating_point_raises_naming_the_leaf(make):
     params = {"a": jnp.ones(3), "b": jnp.ones((2, 2))}
-    opt = {
-        "sam": lambda: sharpax.sam(0.05),
-        "looksam": lambda: sharpax.looksam(0.05),
-        "vsam": lambda: sharpax.vsam(0.05, window=4, blocks=2),
-        "gsam": lambda: sharpax.gsam(0.05, alpha=0.1),
-        "esam": lambda: sharpax.esam(0.05, beta=1.0, gamma=1.0),
-    }[make]()
+    opt = SAM_TYPE[make]()
     wrong = {"a": jnp.ones(3), "b": jnp.ones((2, 2), jnp.int32)}  # e.g. an argmax, not a gradient
     kwargs = {"grad_fn": lambda p: wrong}
     if make in ("looksam", "vsam"):
