@@ -41,7 +41,7 @@ class MESAState(NamedTuple):
         float16 variables; float64 stays float64) and updated in that dtype.
         A bf16 EMA with decay 0.9998 would never move: its step ``(1 − decay)
         · (v − ema)`` rounds away unless it exceeds half a bf16 unit in the
-        last place of ``ema`` (at least 2⁻⁹·|ema|), i.e. unless ``|v − ema|``
+        last place of ``ema`` (at least ``2⁻⁹·|ema|``), i.e. unless ``|v − ema|``
         is about ten times ``|ema|``. Integer and boolean leaves are copies of
         the latest variables.
       count: int32 scalar, number of ``update`` calls; a ``decay`` schedule is
