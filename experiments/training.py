@@ -629,20 +629,37 @@ def init_sample(s: Setup, source, n: int = 256) -> np.ndarray | None:
     return np.asarray(batch["image"])[np.asarray(batch["mask"], bool)]
 
 
-def _build_state(s: Setup, sample: jax.Array | None) -> TrainState:
-    """The initial train state, traceable (:func:`init_state` runs it inside one ``jit``).
+def _init_variables(model, input_shape, seed: jax.Array, sample: jax.Array | None):
+    """``({'params', 'batch_stats'}, rng key data)`` of a fresh model: the method-independent part.
 
-    ``sample``: a traced batch of inputs for the LSQ models (see :func:`init_sample`),
-    checked beforehand by :func:`init_state`, or None.
+    ``seed``: ``config.seed`` as a traced int32 (the same key bits as a constant),
+    so one compiled init serves every seed. ``sample``: a traced batch of inputs
+    for the LSQ models (see :func:`init_sample`), checked beforehand by
+    :func:`init_state`, or None.
     """
-    rng = jax.random.key(s.config.seed)
-    init_rng, state_rng = jax.random.split(rng)
+    init_rng, state_rng = jax.random.split(jax.random.key(seed))
     if sample is None:
-        variables = models.init_model(s.model, init_rng, s.input_shape)
+        variables = models.init_model(model, init_rng, input_shape)
     else:  # models.init_model's own call; its checks of `sample` need concrete values
-        variables = dict(s.model.init(init_rng, sample, train=False))
-    params = variables["params"]
-    batch_stats = variables.get("batch_stats", {})
+        variables = dict(model.init(init_rng, sample, train=False))
+    variables = {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
+    return variables, jax.random.key_data(state_rng)  # raw uint32 key data: checkpointable
+
+
+@functools.lru_cache(maxsize=32)
+def _compiled_variables_init(model, input_shape: tuple, replicated: NamedSharding):
+    """The jitted :func:`_init_variables` of one model, shared by every method and seed.
+
+    Its compilation (mostly the PRNG of the parameter initialisers: about 3 s for
+    a small conv net on XLA:CPU) is then paid once per model and process, and
+    once per machine with the persistent compilation cache, not once per run.
+    """
+    return jax.jit(functools.partial(_init_variables, model, input_shape), out_shardings=replicated)
+
+
+def _finish_state(s: Setup, variables: dict, rng: jax.Array) -> TrainState:
+    """The train state around fresh ``variables``: optimizer state, trajectory loss state, EMA."""
+    params, batch_stats = variables["params"], variables["batch_stats"]
     opt_state = s.tx.init(params)
     if s.config.method == "saf":
         traj = s.traj.init()
@@ -657,9 +674,15 @@ def _build_state(s: Setup, sample: jax.Array | None) -> TrainState:
         batch_stats=batch_stats,
         opt_state=opt_state,
         traj=traj,
-        rng=jax.random.key_data(state_rng),  # raw uint32 key data: checkpointable
+        rng=rng,
         ema=ema,
     )
+
+
+def _build_state(s: Setup, sample: jax.Array | None, seed: jax.Array) -> TrainState:
+    """The initial train state, traceable: :func:`init_state` runs it as two ``jit``\ s."""
+    variables, rng = _init_variables(s.model, s.input_shape, seed, sample)
+    return _finish_state(s, variables, rng)
 
 
 def abstract_state(s: Setup) -> TrainState:
@@ -679,7 +702,7 @@ def abstract_state(s: Setup) -> TrainState:
     if getattr(s.model, "quant_bits", None) is not None:
         # LSQ: only the values of the init sample depend on data, not the shapes.
         sample = jax.ShapeDtypeStruct((1, *s.input_shape), jnp.float32)
-    shapes = jax.eval_shape(functools.partial(_build_state, s), sample)
+    shapes = jax.eval_shape(functools.partial(_build_state, s), sample, _seed(s))
     return jax.tree.map(
         lambda x, sharding: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
         shapes,
@@ -690,17 +713,30 @@ def abstract_state(s: Setup) -> TrainState:
 def init_state(s: Setup, sample: np.ndarray | None = None) -> TrainState:
     """The initial train state; ``sample``: inputs to initialise on (see :func:`init_sample`).
 
-    Built by one ``jax.jit`` whose ``out_shardings`` are :func:`state_shardings`:
-    every leaf is created in place on its devices (a sharded SAF buffer only as
-    its shards), with no full copy on one device or the host. The outputs of one
-    computation never share a buffer (XLA copies a value returned twice), so the
-    train step can donate every leaf.
+    Built by two ``jax.jit``\ s whose ``out_shardings`` are :func:`state_shardings`:
+    the model's variables (one compiled function per model, shared by every method
+    and seed: :func:`_compiled_variables_init`), then, with those donated, the rest
+    of the state. Every leaf is created in place on its devices (a sharded SAF
+    buffer only as its shards), with no full copy on one device or the host. The
+    outputs of one computation never share a buffer (XLA copies a value returned
+    twice), so the train step can donate every leaf.
     """
     if sample is not None:  # models.init_model's checks of the sample, on its concrete values
         jax.eval_shape(lambda: models.init_model(s.model, jax.random.key(0), s.input_shape, sample))
-    build = functools.partial(_build_state, s)
-    shardings = state_shardings(s, jax.eval_shape(build, sample))
-    return jax.jit(build, out_shardings=shardings)(sample)
+    shardings = state_shardings(s, jax.eval_shape(functools.partial(_build_state, s), sample, _seed(s)))
+    replicated = NamedSharding(s.mesh, P())
+    init_variables = _compiled_variables_init(s.model, tuple(s.input_shape), replicated)
+    variables, rng = init_variables(_seed(s), sample)
+    finish = jax.jit(
+        functools.partial(_finish_state, s),
+        out_shardings=shardings,
+        donate_argnums=(0,),  # the params and batch stats pass through without a copy
+    )
+    return finish(variables, rng)
+
+
+def _seed(s: Setup) -> np.ndarray:
+    return np.asarray(s.config.seed, np.int32)
 
 
 def train_iter(
