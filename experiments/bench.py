@@ -26,21 +26,23 @@ its throughput is given at the SAM fraction its schedule produced in this run
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import os
 import platform
 import statistics
 import time
+import types
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from absl import flags
+from ml_collections import config_flags
 
 import sharpax
-from experiments import input_pipeline, training
+from experiments import cli, input_pipeline, training
 from experiments.configs import base
 
 METHODS = (
@@ -53,7 +55,7 @@ TARGETS = {"saf": 0.97, "mesa": 0.85, "vsam": 0.70, "looksam": 0.75, "sam": 0.48
 
 
 def make_config(method: str, args) -> object:
-    c = base.get_base_config()
+    c = args.config.copy_and_resolve_references()  # the base config with --config.* overrides
     c.dataset = args.dataset
     c.model = args.model
     c.batch_size = args.batch
@@ -206,7 +208,8 @@ def _ms(seconds: float) -> str:
     return f"{ms:.2f}" if ms < 10 else f"{ms:.1f}"
 
 
-def print_table(rows: dict) -> str:
+def print_table(rows: dict, smoke: bool = False) -> str:
+    """The results as a Markdown table (printed); ``smoke``: no targets column values, a note first."""
     lines = [
         "| method | median step (ms) | effective step (ms) | vs SGD | target | SAM fraction | compiled step memory (MB) |",
         "|---|---|---|---|---|---|---|",
@@ -219,55 +222,106 @@ def print_table(rows: dict) -> str:
         mem = ", ".join(
             f"{v / 2**20:.1f}" for v in r["compiled_step_bytes"].values() if v is not None
         )
-        target = r["target_vs_sgd"]
+        target = None if smoke else r["target_vs_sgd"]
         lines.append(
             f"| {m} | {_ms(r['median_step_s'])} | {_ms(r['effective_step_s'])} | "
             f"{vs:.2f}{extra} | {'≥ %.2f' % target if target else ''} | "
             f"{r.get('measured_sam_fraction', 1.0 if m in ('sam', 'asam', 'gsam', 'esam', 'optax_sam') else 0.0):.2f} | {mem} |"  # noqa: E501
         )
-    table = "\n".join(lines)
+    table = "\n".join(([SMOKE_NOTE, ""] if smoke else []) + lines)
     print(table)
     return table
 
 
+SMOKE = {"model": "mnist1d_mlp", "dataset": "mnist1d", "batch": 16, "steps": 2, "rounds": 2, "vsam_window": 4}
+SMOKE_NOTE = (
+    "Smoke run (--smoke): a tiny MLP, 2 rounds of 2 steps per method. It tests that every "
+    "method's step compiles and runs; its times, ratios and memory mean nothing (none is "
+    "comparable with the targets)."
+)
+
+
+def define_flags(fv: flags.FlagValues, argv: list[str]) -> None:
+    """bench's flags (absl, as every experiments/ program; see experiments/cli.py)."""
+    def define(kind, name, default, help_string):
+        getattr(flags, f"DEFINE_{kind}")(name, default, help_string, flag_values=fv)
+
+    define("string", "model", "resnet18", "Model of experiments/models.py.")
+    define("string", "dataset", "cifar10", "Sets input shape, classes and the SAF buffer size.")
+    define("integer", "batch", 128, "Global batch size.")
+    define("integer", "steps", 10, "Steps per method per round.")
+    define("integer", "rounds", 5, "Rounds; each runs every method in turn (interleaved).")
+    define("string", "methods", ",".join(METHODS), "Comma-separated methods; SGD is always run.")
+    define("integer", "vsam_window", 50, "vSAM's window (steps).")
+    define("string", "out", "runs/bench", "The JSON of the results goes here.")
+    define("bool", "smoke", False, "A test of the code path: " + SMOKE_NOTE.split(": ", 1)[1])
+    define(
+        "string", "compile_cache",
+        os.path.join(input_pipeline.default_cache_dir(), "jax_compilation_cache"),
+        "JAX persistent compilation cache: the step compiled for the memory analysis is not "
+        "compiled again for the timing, and reruns reuse both ('' disables it).",
+    )  # fmt: skip
+    config_flags.DEFINE_config_dict(
+        "config", base.get_base_config(), "The methods' hyperparameters "
+        "(experiments/configs/base.py), e.g. --config.looksam.k=10 --config.sam.rho=0.1.",
+        flag_values=fv, sys_argv=argv,
+    )  # fmt: skip
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="resnet18")
-    p.add_argument("--dataset", default="cifar10", help="sets input shape, classes, SAF buffer size")
-    p.add_argument("--batch", type=int, default=128)
-    p.add_argument("--steps", type=int, default=10, help="steps per method per round")
-    p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--methods", default=",".join(METHODS))
-    p.add_argument("--vsam_window", type=int, default=50)
-    p.add_argument("--out", default="runs/bench")
-    p.add_argument("--smoke", action="store_true", help="tiny model and 2x2 steps (for tests)")
-    return p.parse_args(argv)
+    """The command line (without the program name) as flag values; smoke sizes applied."""
+    fv = cli.parse("experiments.bench", __doc__, define_flags, argv)
+    args = {name: fv[name].value for name in fv if name not in ("flagfile", "undefok")}
+    if args["smoke"]:
+        args |= SMOKE
+    for name in ("batch", "steps", "rounds", "vsam_window"):
+        if args[name] < 1:
+            raise SystemExit(f"--{name}={args[name]}: must be >= 1")
+    methods = cli.split_list(args["methods"], "methods")
+    unknown = set(methods) - set(METHODS)
+    if unknown:
+        raise SystemExit(f"--methods: unknown methods {sorted(unknown)}; choose from {METHODS}")
+    args["methods"] = methods if "sgd" in methods else ["sgd", *methods]
+    args["config_overrides"] = dict(config_flags.get_override_values(fv["config"]))
+    return types.SimpleNamespace(**args)
 
 
 def main(argv=None) -> dict:
+    """Runs the benchmark for the command line ``argv`` (without the program name)."""
     args = parse_args(argv)
-    if args.smoke:
-        args.model, args.dataset, args.batch = "mnist1d_mlp", "mnist1d", 16
-        args.steps, args.rounds, args.vsam_window = 2, 2, 4
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = set(methods) - set(METHODS)
-    if unknown:
-        raise SystemExit(f"unknown methods {sorted(unknown)}; choose from {METHODS}")
-    if "sgd" not in methods:
-        methods.insert(0, "sgd")
+    # A smoke run's figures mean nothing: compile it with XLA's optimisations off (~30 % less
+    # compile time per step function).
+    options = {"jax_disable_most_optimizations": True} if args.smoke else {}
+    with cli.jax_config(args.compile_cache, **options):
+        return _run(args)
+
+
+def _run(args) -> dict:
+    methods = args.methods
+    print(
+        f"bench: {len(methods)} methods, {args.model} on {args.dataset} shapes, batch {args.batch}, "
+        f"{args.rounds} rounds of {args.steps} steps" + (" — smoke run, figures not meaningful" if args.smoke else ""),
+        flush=True,
+    )
     train_size = input_pipeline.get_dataset_info(args.dataset).num_train
-    runners = {m: Runner(m, args, train_size) for m in methods}
-    for _ in range(args.rounds):
+    t0 = time.perf_counter()
+    runners = {}
+    for i, m in enumerate(methods):
+        runners[m] = Runner(m, args, train_size)
+        print(f"  compiled {m} ({i + 1}/{len(methods)}, {time.perf_counter() - t0:.0f} s)", flush=True)
+    for k in range(args.rounds):
         for m in methods:
             runners[m].run(args.steps)
+        print(f"  round {k + 1}/{args.rounds} done ({time.perf_counter() - t0:.0f} s)", flush=True)
     rows = summarize(runners)
-    table = print_table(rows)
+    table = print_table(rows, smoke=args.smoke)
     peak = None
     stats = jax.devices()[0].memory_stats()
     if stats:
         peak = stats.get("peak_bytes_in_use")
     result = {
         "date": datetime.date.today().isoformat(),
+        "smoke": args.smoke,
         "device": str(jax.devices()[0].device_kind),
         "backend": jax.default_backend(),
         "num_devices": jax.device_count(),
@@ -279,6 +333,7 @@ def main(argv=None) -> dict:
         "batch": args.batch,
         "steps_per_round": args.steps,
         "rounds": args.rounds,
+        "config_overrides": args.config_overrides,
         "device_peak_bytes": peak,
         "results": rows,
         "table": table,

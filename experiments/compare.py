@@ -2,11 +2,14 @@ r"""The main demo: every method, same seeds and budget, the gain each keeps and 
 
   python -m experiments.compare                       # MNIST-1D, 30 % label noise, 3 seeds
   python -m experiments.compare --clean               # the same without label noise
-  python -m experiments.compare --dataset cifar10_cnn_noisy --data_dir ../shared/data/tfds
+  python -m experiments.compare --config experiments/configs/cifar10_cnn_noisy.py \
+      --config.data_dir=../shared/data/tfds
   python -m experiments.compare --methods sgd,sam,saf --seeds 0,1,2,3,4 --out runs/cmp
+  python -m experiments.compare --config.num_epochs=5 --config.looksam.alpha=0.1
+  python -m experiments.compare --smoke               # a test of the code path (under a minute)
 
-For each method it trains the task's config (``experiments/configs/<dataset>.py``;
-default ``mnist1d``: MNIST-1D with 30 % of the training labels flipped, where
+For each method it trains the task's config (``--config experiments/configs/<task>.py``,
+with any ``--config.<field>=<value>`` applied to every method's config; default ``mnist1d``: MNIST-1D with 30 % of the training labels flipped, where
 SAM beats SGD) with identical seeds, epochs, batch size, learning rate and rho
 (no per-method tuning), and records per epoch training loss, test accuracy and
 the SAM sharpness ``L(θ + ρ g/‖g‖) − L(θ)`` on a fixed batch of training data;
@@ -31,7 +34,10 @@ Fig. 1 style) to ``--out``, and TensorBoard event files per run to
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
+import functools
+import importlib
+import importlib.util
 import json
 import os
 import statistics
@@ -42,27 +48,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from absl import flags
+from ml_collections import config_flags
 from tqdm.auto import tqdm
 
 import sharpax
-from experiments import input_pipeline, metric_writers, models, stats, training
-from experiments.configs import cifar10_cnn_noisy, cifar10_resnet18, cifar100_resnet18
-from experiments.configs import mnist as mnist_config
-from experiments.configs import mnist1d as mnist1d_config
-from experiments.configs import mnist1d_lsq as mnist1d_lsq_config
+from experiments import cli, input_pipeline, metric_writers, models, stats, training
 
 DEFAULT_METHODS = ("sgd", "sam", "looksam", "vsam", "saf", "mesa")
 DEFAULT_SEEDS = "0,1,2"
-# The dataset's config supplies model and recipe (CIFAR: ResNet-18, slow on a CPU:
-# pass --epochs); `--dataset` picks one.
-CONFIGS = {
-    "mnist1d": mnist1d_config,
-    "mnist1d_lsq": mnist1d_lsq_config,
-    "mnist": mnist_config,
-    "cifar10": cifar10_resnet18,
-    "cifar100": cifar100_resnet18,
-    "cifar10_cnn_noisy": cifar10_cnn_noisy,
-}
+SMOKE_SEEDS = "0,1"  # two seeds: the smallest sample the table's intervals are defined for
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+# The task's config file supplies model and recipe (`--config`; CIFAR ResNet-18 is slow on a
+# CPU: pass --config.num_epochs). compare sets these two fields itself, per run.
+SET_BY_COMPARE = {"method": "--methods", "seed": "--seeds"}
 DIAG_BATCH = 512
 LANDSCAPE_SCALES = (0.0, 0.02, 0.04, 0.07, 0.1, 0.15)
 
@@ -90,18 +89,46 @@ def extra_memory_bytes(method: str, state: training.TrainState) -> int:
     return 0  # SGD; MSAM's momentum is SGD's
 
 
-def diagnostics_loss(s: training.Setup, state: training.TrainState, batch: dict):
+def diagnostics_loss(model, num_classes: int, batch_stats, batch: dict):
     """loss(params) on a fixed batch, eval-mode batch statistics: what sharpness is measured on."""
-    images, labels = jnp.asarray(batch["image"]), jnp.asarray(batch["label"])
 
     def loss_fn(params):
         variables = {"params": params}
-        if state.batch_stats:
-            variables["batch_stats"] = state.batch_stats
-        logits, _ = models.apply_model(s.model, variables, images, train=False)
-        return training.cross_entropy(logits, labels, s.num_classes, 0.0).mean()
+        if batch_stats:
+            variables["batch_stats"] = batch_stats
+        logits, _ = models.apply_model(model, variables, batch["image"], train=False)
+        return training.cross_entropy(logits, batch["label"], num_classes, 0.0).mean()
 
     return loss_fn
+
+
+# The diagnostics are jitted at module level with the (hashable) Flax model static, so every
+# method and seed of a task reuses one trace of each (a fresh closure per run would be traced
+# and lowered again each time: most of a smoke run's time).
+_DIAG_STATIC = ("model", "num_classes")
+
+
+@functools.partial(jax.jit, static_argnames=_DIAG_STATIC)
+def sharpness(params, batch_stats, batch, rho, *, model, num_classes):
+    """SAM sharpness ``L(θ + ρ g/‖g‖) − L(θ)`` on ``batch``."""
+    loss_fn = diagnostics_loss(model, num_classes, batch_stats, batch)
+    return sharpax.sam_sharpness(loss_fn, params, rho)
+
+
+@functools.partial(jax.jit, static_argnames=(*_DIAG_STATIC, "num_iters"))
+def top_eigenvalue(params, batch_stats, batch, key, *, model, num_classes, num_iters):
+    """The Hessian's top eigenvalue on ``batch`` by ``num_iters`` power iterations."""
+    loss_fn = diagnostics_loss(model, num_classes, batch_stats, batch)
+    return sharpax.hessian_top_eigenvalue(loss_fn, params, num_iters=num_iters, key=key)
+
+
+@functools.partial(jax.jit, static_argnames=(*_DIAG_STATIC, "num_directions"))
+def landscape(params, batch_stats, batch, scales, key, *, model, num_classes, num_directions):
+    """Mean loss on ``batch`` under Gaussian perturbations of each relative scale."""
+    loss_fn = diagnostics_loss(model, num_classes, batch_stats, batch)
+    return sharpax.loss_landscape(
+        loss_fn, params, scales=scales, num_directions=num_directions, key=key
+    )
 
 
 def fixed_batch(source, dataset: str, n: int) -> dict:
@@ -111,61 +138,80 @@ def fixed_batch(source, dataset: str, n: int) -> dict:
     )
     batch = next(iter(it))
     keep = batch["mask"].astype(bool)
-    return {k: v[keep] for k, v in batch.items()}
+    return {k: jnp.asarray(batch[k][keep]) for k in ("image", "label")}
 
 
-def make_config(method: str, seed: int, args: argparse.Namespace):
-    """The dataset's config for ``method``, with the command line's overrides."""
-    config = CONFIGS[args.dataset].get_config(method + (",runlocal" if args.smoke else ""))
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """What the command line asks for (:func:`parse_args`)."""
+
+    config_file: str  # the task's config file (its get_config(method) is called per method)
+    overrides: dict  # --config.<field>=<value>, flattened: applied to every method's config
+    methods: tuple[str, ...]
+    seeds: tuple[int, ...]
+    out: str = "runs/compare"
+    smoke: bool = False
+    quiet: bool = False
+    power_iters: int = 20
+    directions: int = 4
+    compile_cache: str = ""
+
+    @property
+    def task(self) -> str:
+        return os.path.splitext(os.path.basename(self.config_file))[0]
+
+
+def _config_module(path: str):
+    """The config file's module: experiments/configs/ by package name, others from their path."""
+    if os.path.dirname(os.path.realpath(path)) == os.path.realpath(CONFIG_DIR):
+        return importlib.import_module(f"experiments.configs.{Options(path, {}, (), ()).task}")
+    spec = importlib.util.spec_from_file_location("compare_task_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def make_config(method: str, seed: int, opts: Options):
+    """The task's config for ``method``: smoke shrinking first, then the ``--config.*`` overrides."""
+    config = _config_module(opts.config_file).get_config(method + (",runlocal" if opts.smoke else ""))
     config.seed = seed
-    config.data_dir = args.data_dir
-    if args.epochs:
-        config.num_epochs = args.epochs
-    if args.label_noise is not None:
-        config.label_noise = args.label_noise
-    if args.quant_bits is not None:
-        if "quant_bits" not in config.model_kwargs:
-            raise SystemExit(f"--quant_bits: {args.dataset}'s model {config.model} is not quantized")
-        config.model_kwargs.quant_bits = args.quant_bits
-    if args.compute_dtype:
-        config.precision.compute_dtype = args.compute_dtype
-    if args.param_dtype:
-        config.precision.param_dtype = args.param_dtype
-    if args.smoke:
+    if opts.smoke:
         config.saf.start_epoch = 0
         config.mesa.start_epoch = 0
         config.vsam.window = 4
         config.vsam.blocks = 2
         config.eval_batch_size = 256
+    config.update_from_flattened_dict(dict(opts.overrides))
     return config
 
 
 def run_method(
     method: str,
     seed: int,
-    args: argparse.Namespace,
+    opts: Options,
     sources: tuple,
     diag_batch: dict,
 ) -> dict:
-    config = make_config(method, seed, args)
+    config = make_config(method, seed, opts)
     train_source, test_source = sources
     s = training.setup(config, train_size=len(train_source))
     state = training.init_state(s, training.init_sample(s, train_source))
-    rho = config.sam.rho
-    sharp_fn = jax.jit(
-        lambda st: sharpax.sam_sharpness(diagnostics_loss(s, st, diag_batch), st.params, rho)
-    )
+    static = {"model": s.model, "num_classes": s.num_classes}
+
+    def sharp_fn(st):
+        return sharpness(st.params, st.batch_stats, diag_batch, config.sam.rho, **static)
+
     history = []
     epoch_times = []
     bar = tqdm(
         total=config.num_epochs * s.steps_per_epoch,
         desc=f"seed {seed} {method:>8}",
         leave=True,
-        disable=args.quiet,
+        disable=opts.quiet,
     )
     sam_before = 0
     writer = metric_writers.TensorBoardWriter(
-        os.path.join(args.out, "tensorboard", f"{method}_seed{seed}")
+        os.path.join(opts.out, "tensorboard", f"{method}_seed{seed}")
     )
     for epoch in range(config.num_epochs):
         # Materialise the epoch's batches first: the timing is of the training steps,
@@ -178,7 +224,7 @@ def run_method(
             _bar.set_postfix(loss=f"{m['loss']:.3f}")
 
         state, train_metrics = training.run_train_epoch(
-            s, state, batches, epoch, None if args.quiet else progress
+            s, state, batches, epoch, None if opts.quiet else progress
         )
         jax.block_until_ready(state)
         dt = time.perf_counter() - t0
@@ -201,26 +247,24 @@ def run_method(
     bar.n = bar.total
     bar.close()
     state = training.evaluation_state(s, state)  # MSAM: diagnostics at the unperturbed weights
-    loss_fn = diagnostics_loss(s, state, diag_batch)
     lam = float("nan")  # --power_iters 0: not measured
-    if args.power_iters:
+    if opts.power_iters:
+        key = jax.random.key(seed)
         lam = float(
-            jax.jit(
-                lambda p: sharpax.hessian_top_eigenvalue(
-                    loss_fn, p, num_iters=args.power_iters, key=jax.random.key(seed)
-                )
-            )(state.params)
-        )
-    landscape = np.asarray(
-        jax.jit(
-            lambda p: sharpax.loss_landscape(
-                loss_fn,
-                p,
-                scales=jnp.asarray(LANDSCAPE_SCALES),
-                num_directions=args.directions,
-                key=jax.random.key(1000 + seed),
+            top_eigenvalue(
+                state.params, state.batch_stats, diag_batch, key, num_iters=opts.power_iters, **static
             )
-        )(state.params)
+        )
+    curves = np.asarray(
+        landscape(
+            state.params,
+            state.batch_stats,
+            diag_batch,
+            jnp.asarray(LANDSCAPE_SCALES),
+            jax.random.key(1000 + seed),
+            num_directions=opts.directions,
+            **static,
+        )
     )
     timed = epoch_times[1:] if len(epoch_times) > 1 else epoch_times
     steps = s.steps_per_epoch
@@ -236,7 +280,7 @@ def run_method(
         "sam_step_fraction": training.num_sam_steps(state, method) / max(total_steps, 1),
         "sharpness": history[-1]["sharpness"],
         "lambda_max": lam,
-        "landscape": landscape.tolist(),
+        "landscape": curves.tolist(),
         "extra_memory_bytes": extra_memory_bytes(method, state),
         "param_bytes": tree_bytes(state.params),
     }
@@ -502,81 +546,91 @@ def _save(fig, out: str, name: str) -> str:
     return path
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset", default="mnist1d", choices=sorted(CONFIGS))
-    p.add_argument("--data_dir", default=None, help="TFDS data_dir (all datasets but mnist1d)")
-    p.add_argument("--epochs", type=int, default=None, help="default: the dataset config's")
-    p.add_argument(
-        "--seeds", default=DEFAULT_SEEDS, help="comma-separated seeds (at least 3 for intervals)"
+def define_flags(fv: flags.FlagValues, argv: list[str]) -> None:
+    """compare's flags (absl; the task as an ml_collections config file, as ``train`` takes it)."""
+    config_flags.DEFINE_config_file(
+        "config",
+        os.path.join(CONFIG_DIR, "mnist1d.py"),
+        "The task's config file (experiments/configs/<task>.py; no ':method', compare runs "
+        "--methods); override any field for every method with --config.<field>=<value>, e.g. "
+        "--config.num_epochs=5, --config.label_noise=0, --config.data_dir=~/tensorflow_datasets, "
+        "--config.precision.compute_dtype=bfloat16, --config.model_kwargs.quant_bits=2.",
+        flag_values=fv,
+        sys_argv=argv,
     )
-    p.add_argument(
-        "--label_noise",
-        type=float,
-        default=None,
-        help="fraction of training labels flipped (default: the config's; mnist1d: 0.3)",
-    )
-    p.add_argument("--clean", action="store_true", help="no label noise (same as --label_noise 0)")
-    p.add_argument(
-        "--quant_bits",
-        type=int,
-        default=None,
-        help="LSQ bit width of a quantized task's model (mnist1d_lsq; default: the config's, 4)",
-    )
-    p.add_argument("--methods", default=",".join(DEFAULT_METHODS))
-    for field in ("compute_dtype", "param_dtype"):
-        p.add_argument(
-            f"--{field}",
-            default=None,
-            choices=("float32", "bfloat16", "float16"),
-            help=f"config.precision.{field} (default: the config's, float32); float16 turns on "
-            "dynamic loss scaling (experiments/precision.py)",
-        )
-    p.add_argument("--out", default="runs/compare")
-    p.add_argument(
-        "--power_iters",
-        type=int,
-        default=20,
-        help="power iterations for the Hessian's top eigenvalue (0: skip it; on XLA:CPU the "
-        "loop of Hessian-vector products of 2-D conv nets is slow)",
-    )
-    p.add_argument("--directions", type=int, default=4)
-    p.add_argument("--smoke", action="store_true", help="tiny run for tests: 2 steps, 1 epoch")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.add_argument(
-        "--compile_cache",
-        default=os.path.join(input_pipeline.default_cache_dir(), "jax_compilation_cache"),
-        help="JAX persistent compilation cache: the seeds after the first, and reruns, reuse "
-        "the compiled steps ('' disables it)",
-    )
-    return p.parse_args(argv)
+    flags.DEFINE_string("methods", ",".join(DEFAULT_METHODS), "Comma-separated methods.", flag_values=fv)
+    flags.DEFINE_string(
+        "seeds", None, f"Comma-separated seeds (at least 3 for intervals; default {DEFAULT_SEEDS}, "
+        f"with --smoke {SMOKE_SEEDS}).", flag_values=fv,
+    )  # fmt: skip
+    flags.DEFINE_bool("clean", False, "No label noise (--config.label_noise=0).", flag_values=fv)
+    flags.DEFINE_string("out", "runs/compare", "Report, metrics, plots and TensorBoard go here.", flag_values=fv)
+    flags.DEFINE_integer(
+        "power_iters", 20, "Power iterations for the Hessian's top eigenvalue (0: skip it; on "
+        "XLA:CPU the Hessian-vector products of 2-D conv nets are slow).", flag_values=fv,
+    )  # fmt: skip
+    flags.DEFINE_integer("directions", 4, "Random directions of the loss landscape.", flag_values=fv)
+    flags.DEFINE_bool(
+        "smoke", False, "A test of the code path, not a measurement: every method for 2 steps "
+        f"of 1 epoch, seeds {SMOKE_SEEDS}; its figures mean nothing and say so.", flag_values=fv,
+    )  # fmt: skip
+    flags.DEFINE_bool("quiet", False, "No progress bars.", flag_values=fv)
+    flags.DEFINE_string(
+        "compile_cache", os.path.join(input_pipeline.default_cache_dir(), "jax_compilation_cache"),
+        "JAX persistent compilation cache: the seeds after the first, and reruns, reuse the "
+        "compiled steps ('' disables it).", flag_values=fv,
+    )  # fmt: skip
 
 
-def main(argv=None) -> dict:
-    args = parse_args(argv)
-    if args.clean:
-        if args.label_noise not in (None, 0.0):
-            raise SystemExit(f"--clean contradicts --label_noise {args.label_noise}")
-        args.label_noise = 0.0
-    if args.smoke:
-        args.power_iters, args.directions = min(args.power_iters, 3), min(args.directions, 2)
-    if args.compile_cache:
-        jax.config.update("jax_compilation_cache_dir", args.compile_cache)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+def parse_args(argv=None) -> Options:
+    """The command line (without the program name) as :class:`Options`; bad values exit naming the flag."""
+    fv = cli.parse("experiments.compare", __doc__, define_flags, argv)
+    if ":" in config_flags.get_config_filename(fv["config"]):
+        raise SystemExit("--config: compare runs every method of --methods; pass the file without ':<method>'")
+    overrides = dict(config_flags.get_override_values(fv["config"]))
+    for key, flag in SET_BY_COMPARE.items():
+        if key in overrides:
+            raise SystemExit(f"--config.{key}: compare sets config.{key} from {flag}")
+    if fv.clean:
+        if overrides.get("label_noise", 0.0) != 0.0:
+            raise SystemExit(f"--clean contradicts --config.label_noise={overrides['label_noise']}")
+        overrides["label_noise"] = 0.0
+    methods = tuple(cli.split_list(fv.methods, "methods"))
     for m in methods:
         if m not in training.METHODS:
-            raise SystemExit(f"unknown method {m!r}; choose from {tuple(training.METHODS)}")
-    seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
-    os.makedirs(args.out, exist_ok=True)
-    config = make_config("sgd", seeds[0] if seeds else 0, args)
+            raise SystemExit(f"--methods: unknown method {m!r}; choose from {tuple(training.METHODS)}")
+    seeds = cli.split_list(fv.seeds or (SMOKE_SEEDS if fv.smoke else DEFAULT_SEEDS), "seeds", int)
+    if not methods or not seeds:
+        raise SystemExit("--methods and --seeds must name at least one method and one seed")
+    smoke = {"power_iters": min(fv.power_iters, 3), "directions": min(fv.directions, 2)}
+    return Options(
+        config_file=config_flags.get_config_filename(fv["config"]),
+        overrides=overrides,
+        methods=methods,
+        seeds=tuple(seeds),
+        out=fv.out,
+        smoke=fv.smoke,
+        quiet=fv.quiet,
+        power_iters=smoke["power_iters"] if fv.smoke else fv.power_iters,
+        directions=smoke["directions"] if fv.smoke else fv.directions,
+        compile_cache=fv.compile_cache,
+    )
+
+
+SMOKE_NOTE = (
+    "**Smoke run** (`--smoke`): 2 steps of 1 epoch per method on a shrunken config. It tests "
+    "that every part runs; its accuracies, gains, p-values and costs mean nothing."
+)
+
+
+def load_task(opts: Options, config) -> tuple[tuple, dict, dict]:
+    """(train source, test source), the label-noise record, and the diagnostics batch."""
     info = input_pipeline.get_dataset_info(config.dataset)
     train_source, test_source = (
         input_pipeline.make_source(
             config.dataset,
             split,
-            args.data_dir,
+            config.data_dir,
             in_memory=True,
             mnist1d_args=config.get("mnist1d_args"),
         )
@@ -595,43 +649,24 @@ def main(argv=None) -> dict:
             "clean_labels": flipped.clean_labels.tolist(),
         }
     # Sharpness is measured on the training objective: the (noisy) training labels.
-    diag = fixed_batch(train_source, config.dataset, 64 if args.smoke else DIAG_BATCH)
+    diag = fixed_batch(train_source, config.dataset, 64 if opts.smoke else DIAG_BATCH)
+    return (train_source, test_source), noise, diag
 
-    t0 = time.perf_counter()
-    results = []
-    for seed in seeds:
-        for m in methods:
-            results.append(run_method(m, seed, args, (train_source, test_source), diag))
-    rows = summarize(results, methods)
-    table = table_markdown(rows)
-    reading = verdict(rows)
-    files = plot(results, rows, methods, args.out)
-    elapsed = time.perf_counter() - t0
-    env = {
-        "jax": jax.__version__,
-        "backend": jax.default_backend(),
-        "devices": [str(d) for d in jax.devices()],
-        "task": args.dataset,
-        "dataset": config.dataset,
-        "seeds": seeds,
-        "epochs": results[0]["history"][-1]["epoch"] if results else 0,
-        "wall_time_s": elapsed,
-        "label_noise": noise,
-        "config": json.loads(config.to_json_best_effort()),
-    }
-    with open(os.path.join(args.out, "metrics.json"), "w") as f:
-        json.dump({"env": env, "summary": rows, "runs": results}, f, indent=1)
+
+def report_markdown(opts: Options, config, env: dict, table: str, reading: str, files) -> str:
+    noise = env["label_noise"]
     task = (
         f"{100 * noise['rate']:.0f} % symmetric label noise on the training set "
         f"({noise.get('num_flipped', 0)} labels flipped, flip seed {noise['seed']}; test set clean)"
         if noise["rate"]
         else "clean labels"
     )
-    report = (
-        f"# sharpax compare: {args.dataset}, {task}\n\n"
-        f"jax {jax.__version__} on {jax.default_backend()} ({len(jax.devices())} device(s)), "
+    return (
+        f"# sharpax compare: {opts.task}, {task}\n\n"
+        + (SMOKE_NOTE + "\n\n" if opts.smoke else "")
+        + f"jax {jax.__version__} on {jax.default_backend()} ({len(jax.devices())} device(s)), "
         f"compute {config.precision.compute_dtype}, params {config.precision.param_dtype}, "
-        f"seeds {seeds}, {env['epochs']} epochs per run, wall time {elapsed:.0f} s. "
+        f"seeds {list(opts.seeds)}, {env['epochs']} epochs per run, wall time {env['wall_time_s']:.0f} s. "
         "Same config (lr, batch, epochs, rho) for every method; no per-method tuning. "
         "Intervals are 95 % over seeds (Student t; Welch for differences; Fieller for the "
         "share of SAM's gain, `(acc − acc_sgd) / (acc_sam − acc_sgd)`); p is Welch's "
@@ -646,11 +681,64 @@ def main(argv=None) -> dict:
         + "\n".join(f"![{os.path.basename(f)}]({os.path.basename(f)})" for f in files)
         + "\n"
     )
-    with open(os.path.join(args.out, "report.md"), "w") as f:
-        f.write(report)
+
+
+def main(argv=None) -> dict:
+    """Runs the comparison for the command line ``argv`` (without the program name)."""
+    opts = parse_args(argv)
+    # A smoke run's figures mean nothing: compile it with XLA's optimisations off (less compile
+    # time; the same arithmetic up to rounding).
+    options = {"jax_disable_most_optimizations": True} if opts.smoke else {}
+    with cli.jax_config(opts.compile_cache, **options):
+        return _run(opts)
+
+
+def _run(opts: Options) -> dict:
+    os.makedirs(opts.out, exist_ok=True)
+    config = make_config("sgd", opts.seeds[0], opts)
+    runs = len(opts.methods) * len(opts.seeds)
+    print(
+        f"compare: {opts.task} ({config.dataset}, {config.model}), {len(opts.methods)} methods × "
+        f"{len(opts.seeds)} seeds = {runs} runs of {config.num_epochs} epoch(s)"
+        + (" — smoke run, figures not meaningful" if opts.smoke else ""),
+        flush=True,
+    )
+    sources, noise, diag = load_task(opts, config)
+    t0 = time.perf_counter()
+    results = []
+    for seed in opts.seeds:
+        for m in opts.methods:
+            results.append(run_method(m, seed, opts, sources, diag))
+            if opts.quiet:  # still one line per run: the bars are off
+                print(f"  run {len(results)}/{runs} done ({time.perf_counter() - t0:.0f} s)", flush=True)
+    rows = summarize(results, list(opts.methods))
+    table = table_markdown(rows)
+    reading = verdict(rows)
+    files = plot(results, rows, list(opts.methods), opts.out)
+    env = {
+        "jax": jax.__version__,
+        "backend": jax.default_backend(),
+        "devices": [str(d) for d in jax.devices()],
+        "task": opts.task,
+        "config_file": opts.config_file,
+        "config_overrides": opts.overrides,
+        "smoke": opts.smoke,
+        "dataset": config.dataset,
+        "seeds": list(opts.seeds),
+        "epochs": results[0]["history"][-1]["epoch"],
+        "wall_time_s": time.perf_counter() - t0,
+        "label_noise": noise,
+        "config": json.loads(config.to_json_best_effort()),
+    }
+    with open(os.path.join(opts.out, "metrics.json"), "w") as f:
+        json.dump({"env": env, "summary": rows, "runs": results}, f, indent=1)
+    with open(os.path.join(opts.out, "report.md"), "w") as f:
+        f.write(report_markdown(opts, config, env, table, reading, files))
+    if opts.smoke:
+        print(SMOKE_NOTE.replace("**", ""))
     print(table)
     print(reading)
-    print(f"wrote {args.out}/report.md, metrics.json and {len(files)} plots in {elapsed:.0f} s")
+    print(f"wrote {opts.out}/report.md, metrics.json and {len(files)} plots in {env['wall_time_s']:.0f} s")
     return {"summary": rows, "files": files}
 
 

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 
 import jax
 import numpy as np
@@ -53,17 +54,74 @@ def test_compare_smoke_writes_every_artefact(tmp_path, compile_cache):
     assert result["files"] and all(os.path.exists(f) for f in result["files"])
     runs_tb = sorted(p.name for p in (out / "tensorboard").iterdir())
     assert runs_tb == sorted(f"{m}_seed{k}" for m in ("sgd", "sam", "vsam", "saf") for k in (0, 1))
+    # A smoke run says that its figures mean nothing, in the report and in the JSON.
+    assert compare.SMOKE_NOTE in report and metrics["env"]["smoke"] is True
     assert all(any(d.glob("events.out.tfevents.*")) for d in (out / "tensorboard").iterdir())
 
 
 def test_compare_clean_flag_turns_the_noise_off(tmp_path):
-    args = compare.parse_args(["--clean"])
-    assert args.clean
+    assert compare.parse_args(["--clean"]).overrides == {"label_noise": 0.0}
     with pytest.raises(SystemExit, match="contradicts"):
-        compare.main(["--clean", "--label_noise", "0.2", "--out", str(tmp_path)])
-    cfg = compare.make_config("sgd", 0, compare.parse_args(["--label_noise", "0"]))
+        compare.main(["--clean", "--config.label_noise=0.2", "--out", str(tmp_path)])
+    cfg = compare.make_config("sgd", 0, compare.parse_args(["--config.label_noise=0"]))
     assert cfg.label_noise == 0.0
     assert compare.make_config("sgd", 0, compare.parse_args([])).label_noise == 0.3
+
+
+def test_compare_config_overrides_reach_every_methods_config():
+    opts = compare.parse_args(
+        ["--config.sam.rho=0.1", "--config.num_epochs=3", "--config.looksam.alpha=0.2",
+         "--methods", "sgd,looksam,saf", "--seeds=4,5"]
+    )
+    assert opts.methods == ("sgd", "looksam", "saf") and opts.seeds == (4, 5)
+    for m in opts.methods:
+        cfg = compare.make_config(m, 5, opts)
+        assert (cfg.method, cfg.seed, cfg.sam.rho, cfg.num_epochs) == (m, 5, 0.1, 3)
+        assert cfg.looksam.alpha == 0.2
+    # A fresh FlagValues per call: nothing of the previous command line is left.
+    again = compare.parse_args([])
+    assert again.overrides == {} and again.seeds == (0, 1, 2)
+    assert compare.make_config("sam", 0, again).sam.rho == 0.05
+    assert compare.parse_args(["--smoke"]).seeds == (0, 1)  # the smoke default
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--config.method=sam"], "compare sets config.method from --methods"),
+        (["--config.seed=3"], "compare sets config.seed from --seeds"),
+        (["--methods", "sgd,nope"], "unknown method 'nope'"),
+        (["--seeds", "0,x"], "--seeds='0,x'"),
+        (["--config", "experiments/configs/mnist1d.py:sam"], "without ':<method>'"),
+    ],
+)
+def test_compare_refuses_bad_command_lines_naming_the_flag(argv, message):
+    with pytest.raises(SystemExit, match=re.escape(message)):
+        compare.parse_args(argv)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--bogus"], "Unknown command line flag 'bogus'"),
+        (["--config.sam.rhoo=0.1"], "no field"),
+        (["--config.sam.rho=abc"], "could not convert string to float: 'abc'"),
+        (["--config", "no/such/config.py"], "cannot load --config no/such/config.py"),
+        # LSQ's bit width exists only in the quantized task's config.
+        (["--config.model_kwargs.quant_bits=2"], "quant_bits"),
+    ],
+)
+def test_compare_flag_errors_exit_2_with_a_message(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        compare.parse_args(argv)
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_compare_help_lists_the_flags(capsys):
+    with pytest.raises(SystemExit) as e:
+        compare.parse_args(["--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and "--methods" in out and "--config:" in out and "--[no]smoke" in out
 
 
 def _fake_results(acc, times):
@@ -105,8 +163,8 @@ def test_verdict_says_when_sam_gain_is_not_significant():
     assert "−∞" in table  # the share's interval is unbounded, and shown so
 
 
-def test_bench_smoke_runs_every_method(tmp_path):
-    result = bench.main(["--smoke", "--out", str(tmp_path)])
+def test_bench_smoke_runs_every_method(tmp_path, compile_cache, capsys):
+    result = bench.main(["--smoke", "--compile_cache", compile_cache, "--out", str(tmp_path)])
     rows = result["results"]
     assert set(rows) == set(bench.METHODS)
     for m, r in rows.items():
@@ -114,12 +172,28 @@ def test_bench_smoke_runs_every_method(tmp_path):
     assert rows["vsam"]["t_reuse_step_s"] > 0 and rows["vsam"]["t_sam_step_s"] > 0
     assert rows["saf"]["saf_buffer_bytes"] > 0
     assert any(f.startswith("bench_") for f in os.listdir(tmp_path))
+    # Marked as meaningless, with no target beside its figures; a progress line per method.
+    out = capsys.readouterr().out
+    assert result["smoke"] is True and result["table"].startswith(bench.SMOKE_NOTE)
+    assert "≥" not in result["table"] and "compiled saf (" in out and "round 2/2 done" in out
+    assert not jax.config.values["jax_disable_most_optimizations"]  # restored on exit
 
 
-def test_quant_bits_flag_sets_the_lsq_models_bits_and_refuses_float_models():
-    cfg = compare.make_config(
-        "vsam", 0, compare.parse_args(["--dataset", "mnist1d_lsq", "--quant_bits", "2"])
+def test_bench_flags_and_config_overrides():
+    args = bench.parse_args(["--config.looksam.k=7", "--methods=sam,looksam", "--batch", "32"])
+    assert args.methods == ["sgd", "sam", "looksam"] and args.batch == 32
+    assert bench.make_config("looksam", args).looksam.k == 7
+    assert bench.make_config("looksam", bench.parse_args([])).looksam.k == 5  # nothing leaks
+    with pytest.raises(SystemExit, match="unknown methods"):
+        bench.parse_args(["--methods", "sgd,nope"])
+    with pytest.raises(SystemExit, match="--steps=0"):
+        bench.parse_args(["--steps", "0"])
+
+
+def test_quant_bits_override_sets_the_lsq_models_bits():
+    opts = compare.parse_args(
+        ["--config", "experiments/configs/mnist1d_lsq.py", "--config.model_kwargs.quant_bits=2"]
     )
+    assert opts.task == "mnist1d_lsq"
+    cfg = compare.make_config("vsam", 0, opts)
     assert cfg.model == "mnist1d_cnn_lsq" and cfg.model_kwargs.quant_bits == 2
-    with pytest.raises(SystemExit, match="not quantized"):
-        compare.make_config("sgd", 0, compare.parse_args(["--quant_bits", "2"]))
