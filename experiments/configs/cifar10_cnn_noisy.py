@@ -1,6 +1,6 @@
 """CIFAR-10 with 30 % symmetric label noise, a small CNN: the longer benchmark beyond the demo.
 
-  python -m experiments.compare --dataset cifar10_cnn_noisy --data_dir ../shared/data/tfds \
+  python -m experiments.compare --config experiments/configs/cifar10_cnn_noisy.py --config.data_dir=../shared/data/tfds \
       --seeds 0,1,2 --power_iters 0 --out runs/cifar10_cnn_noisy
 
 Meant for any TFDS ``cifar10`` (the full set, or the 10 000 / 2 000 subset in

@@ -2,7 +2,7 @@
 
   python -m experiments.train --config experiments/configs/mnist1d_lsq.py:vsam \
       --config.model_kwargs.quant_bits=2 --workdir runs/m1d_lsq2_vsam
-  python -m experiments.compare --dataset mnist1d_lsq --methods sgd,sam,vsam
+  python -m experiments.compare --config experiments/configs/mnist1d_lsq.py --methods sgd,sam,vsam
 
 The demo's task and recipe (``mnist1d.py``: 30 % label noise, 64 channels, 20
 epochs) with the second and third convolutions quantized by LSQ (Esser et al.
