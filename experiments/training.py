@@ -680,7 +680,7 @@ def _finish_state(s: Setup, variables: dict, rng: jax.Array) -> TrainState:
 
 
 def _build_state(s: Setup, sample: jax.Array | None, seed: jax.Array) -> TrainState:
-    """The initial train state, traceable: :func:`init_state` runs it as two ``jit``\ s."""
+    """The initial train state, traceable: :func:`init_state` runs it as two jits."""
     variables, rng = _init_variables(s.model, s.input_shape, seed, sample)
     return _finish_state(s, variables, rng)
 
@@ -713,7 +713,7 @@ def abstract_state(s: Setup) -> TrainState:
 def init_state(s: Setup, sample: np.ndarray | None = None) -> TrainState:
     """The initial train state; ``sample``: inputs to initialise on (see :func:`init_sample`).
 
-    Built by two ``jax.jit``\ s whose ``out_shardings`` are :func:`state_shardings`:
+    Built by two jits whose ``out_shardings`` are :func:`state_shardings`:
     the model's variables (one compiled function per model, shared by every method
     and seed: :func:`_compiled_variables_init`), then, with those donated, the rest
     of the state. Every leaf is created in place on its devices (a sharded SAF
