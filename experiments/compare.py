@@ -158,13 +158,17 @@ class Options:
 
     @property
     def task(self) -> str:
-        return os.path.splitext(os.path.basename(self.config_file))[0]
+        return _task_name(self.config_file)
+
+
+def _task_name(path: str) -> str:
+    return os.path.splitext(os.path.basename(path))[0]
 
 
 def _config_module(path: str):
     """The config file's module: experiments/configs/ by package name, others from their path."""
     if os.path.dirname(os.path.realpath(path)) == os.path.realpath(CONFIG_DIR):
-        return importlib.import_module(f"experiments.configs.{Options(path, {}, (), ()).task}")
+        return importlib.import_module(f"experiments.configs.{_task_name(path)}")
     spec = importlib.util.spec_from_file_location("compare_task_config", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
