@@ -438,6 +438,13 @@ def to_array_source(source: RandomAccessSource, num_threads: int = 8) -> ArraySo
 
 # --------------------------------------------------------------------------------------------------
 # Preprocessing and augmentation: (record, rng) -> float32 image.
+#
+# NumPy on the host, per record, in grain's worker threads, not dm-pix on the accelerator:
+# the augmentation then overlaps the device's step instead of adding to it, the PRNG stream
+# is per record (a resumed or re-sharded run augments every example exactly as before), and
+# the ops are torchvision's exactly (zero padding, then crop; dm-pix 0.4's random_crop does
+# not pad, and its random flip makes one decision per call, so per-example flips need a vmap
+# over keys). Nothing here needs to run on the device.
 # --------------------------------------------------------------------------------------------------
 
 

@@ -36,6 +36,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 Dtype = Any
 Variables = Mapping[str, Any]
@@ -783,14 +784,7 @@ def count_params(tree: Any) -> int:
     """
     if isinstance(tree, Mapping) and "params" in tree:
         tree = tree["params"]
-    return sum(int(_size(leaf)) for leaf in jax.tree.leaves(tree))
-
-
-def _size(leaf: Any) -> int:
-    n = 1
-    for d in leaf.shape:
-        n *= int(d)
-    return n
+    return int(optax.tree.size(tree))
 
 
 def param_order(model: nn.Module, input_shape: Sequence[int]) -> list[tuple[str, ...]]:

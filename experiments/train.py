@@ -322,6 +322,8 @@ def _train_loop(
         batches = training.train_iter(
             config, train_source, epoch, s.steps_per_epoch, start_step=ep.steps_done
         )
+        # tqdm, not clu.periodic_actions.ReportProgress: that module imports
+        # clu.metric_writers and with it TensorFlow (see experiments/metric_writers.py).
         bar = tqdm(
             total=s.steps_per_epoch,
             initial=ep.steps_done,

@@ -93,6 +93,10 @@ def _ema_copy(v: Any) -> jax.Array:
 def _ema_step(d: jax.Array, e: jax.Array, v: Any) -> jax.Array:
     """``d·e + (1 − d)·v`` for a floating EMA leaf ``e``; a copy of ``v`` otherwise."""
     if jnp.issubdtype(e.dtype, jnp.inexact):
+        # Not optax.incremental_update: it computes (1 − d)·v + d·e, and under jit XLA
+        # fuses the two products in the other order (measured: 5e-6 apart after 300
+        # float32 steps at d = 0.9998). This keeps the authors' (timm ModelEma) operand
+        # order, ema·decay + (1 − decay)·model, and the numerics checked against them.
         d_e = d.astype(e.dtype)
         return d_e * e + (1 - d_e) * jnp.asarray(v).astype(e.dtype)
     return jnp.array(v, dtype=e.dtype, copy=True)  # a copy, never the caller's array

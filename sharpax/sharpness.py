@@ -208,6 +208,9 @@ def hessian_top_eigenvalue(
 
     grad_fn = jax.grad(loss_fn)
 
+    # Not optax.second_order.hvp: it is deprecated (removed in optax 0.2.9) and takes a
+    # raveled vector and a (params, inputs, targets) loss. This is the same product,
+    # forward-over-reverse, on pytrees and any closed-over loss.
     def hvp(v: Any) -> Any:
         tangent = optax.tree.cast_like(v, params)
         hv = jax.jvp(grad_fn, (params,), (tangent,))[1]
