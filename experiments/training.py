@@ -33,6 +33,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import ml_collections
+from clu import metrics as clu_metrics
 import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding
@@ -78,7 +79,7 @@ class Setup:
     num_examples: int  # training-set size: valid SAF ids are [0, num_examples)
     input_shape: tuple[int, ...]
     train_step: Callable[..., tuple[TrainState, dict]]
-    eval_step: Callable[..., dict]
+    eval_step: Callable[..., EvalMetrics]
     # LookSAM/vSAM host dispatch: upcoming decisions read from the state (see next_sam_step).
     plan: list[bool] = dataclasses.field(default_factory=list)
 
@@ -378,6 +379,16 @@ def trajectory_loss(spec, traj, task, teacher_logits, epoch, teacher: bool):
     return _plain_loss(task), epoch
 
 
+# Per-batch test metrics, merged over batches with padded examples (``mask`` 0) excluded:
+# clu's masked ``Average`` (a total and an int32 count) rather than hand-summed floats. Built
+# with ``Collection.create`` because clu reads the fields from ``__annotations__``, which
+# ``from __future__ import annotations`` turns into strings. The per-step *training* metrics
+# stay a dict of scalars: the divergence check reads them step by step (run_train_steps).
+EvalMetrics = clu_metrics.Collection.create(
+    loss=clu_metrics.Average.from_output("loss"), accuracy=clu_metrics.Accuracy
+)
+
+
 def make_step_fns(setup_args: dict) -> tuple[Callable, Callable]:
     """Builds ``train_step(state, batch, epoch, sam_step, teacher=True)`` and ``eval_step``.
 
@@ -478,16 +489,12 @@ def make_step_fns(setup_args: dict) -> tuple[Callable, Callable]:
         )
         return new_state, metrics
 
-    def eval_step(state: TrainState, batch: dict) -> dict:
+    def eval_step(state: TrainState, batch: dict) -> EvalMetrics:
         logits, _ = forward(state.params, state.batch_stats, batch["image"], None, train=False)
-        mask = batch["mask"].astype(jnp.float32)
         loss = cross_entropy(logits, batch["label"], num_classes, 0.0)
-        correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
-        return {
-            "loss_sum": jnp.sum(loss * mask),
-            "correct": jnp.sum(correct * mask),
-            "count": jnp.sum(mask),
-        }
+        return EvalMetrics.single_from_model_output(
+            loss=loss, logits=logits, labels=batch["label"].astype(jnp.int32), mask=batch["mask"]
+        )
 
     return train_step, eval_step
 
@@ -926,14 +933,13 @@ def evaluation_state(s: Setup, state: TrainState) -> TrainState:
 
 
 def evaluate(s: Setup, state: TrainState, batches: Iterator[dict]) -> dict:
+    """``test_loss`` and ``test_accuracy`` over ``batches``, padding (``mask`` 0) excluded."""
     state = evaluation_state(s, state)
-    totals = {"loss_sum": 0.0, "correct": 0.0, "count": 0.0}
-    outs = [s.eval_step(state, put_batch(s, b)) for b in batches]
-    for o in jax.device_get(outs):
-        for k in totals:
-            totals[k] += float(o[k])
-    count = max(totals["count"], 1.0)
-    return {"test_loss": totals["loss_sum"] / count, "test_accuracy": totals["correct"] / count}
+    outs = jax.device_get([s.eval_step(state, put_batch(s, b)) for b in batches])
+    if not outs:
+        raise ValueError(f"{s.config.method}: evaluation got no batches (an empty test split?).")
+    total = functools.reduce(EvalMetrics.merge, outs).compute()
+    return {f"test_{k}": float(v) for k, v in total.items()}
 
 
 def ema_variables(s: Setup, state: TrainState) -> dict | None:
