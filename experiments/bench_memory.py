@@ -16,7 +16,8 @@ Each phase runs in a fresh subprocess with ``--devices`` fake CPU devices
 
 * ``init_old``: the eager init this module keeps as :func:`eager_init_state` (every
   leaf built on the default device, ``device_put`` to its sharding, every leaf copied).
-* ``init_new``: ``training.init_state`` (one ``jit`` with ``out_shardings``).
+* ``init_new``: ``training.init_state`` (two ``jit``\ s with ``out_shardings``: the model's
+  variables, then the rest of the state with those donated).
 * ``restore_old``: the resume path of ``train.py`` before ``abstract_state``: a
   concrete eager init, then ``StandardRestore(state)``.
 * ``restore_new``: ``StandardRestore(training.abstract_state(s))``.
@@ -39,7 +40,6 @@ state's size is the sum of its leaves' ``nbytes`` over all their device shards
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import os
@@ -48,30 +48,48 @@ import subprocess
 import sys
 import tempfile
 import time
+import types
+
+from absl import flags
+
+from experiments import cli
 
 PHASES = ("init_old", "init_new", "restore_old", "restore_new", "step")
 IMAGENET_ROWS = 1_281_167
 
 
+def define_flags(fv: flags.FlagValues, argv: list[str]) -> None:
+    """bench_memory's flags (absl, as every experiments/ program; see experiments/cli.py)."""
+    del argv  # no config flag
+
+    def define(kind, name, default, help_string):
+        getattr(flags, f"DEFINE_{kind}")(name, default, help_string, flag_values=fv)
+
+    define("integer", "rows", IMAGENET_ROWS // 8,
+           f"Training examples (SAF buffer rows); ImageNet: {IMAGENET_ROWS}.")  # fmt: skip
+    define("integer", "devices", 8, "Fake CPU devices (ignored off CPU).")
+    define("integer", "batch", 32, "Global batch of the step phase.")
+    define("integer", "steps", 3, "Timed steps of the step phase.")
+    define("string", "features", "4,4", "The tiny CNN's conv channels.")
+    define("integer", "hidden", 4, "The tiny CNN's hidden width.")
+    define("string", "phases", ",".join(PHASES), f"Comma-separated, of {', '.join(PHASES)}.")
+    define("string", "ckpt_dir", "", "Checkpoint of the restore phases (default: a temp dir).")
+    define("string", "out", "runs/bench_memory", "The table and its JSON go here.")
+    define("string", "phase", "", "Internal: run this one phase in this process.")
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rows", type=int, default=IMAGENET_ROWS // 8,
-                   help=f"training examples (SAF buffer rows); ImageNet: {IMAGENET_ROWS}")
-    p.add_argument("--devices", type=int, default=8, help="fake CPU devices (ignored off CPU)")
-    p.add_argument("--batch", type=int, default=32, help="global batch of the step phase")
-    p.add_argument("--steps", type=int, default=3, help="timed steps of the step phase")
-    p.add_argument("--features", default="4,4", help="the tiny CNN's conv channels")
-    p.add_argument("--hidden", type=int, default=4, help="the tiny CNN's hidden width")
-    p.add_argument("--phases", default=",".join(PHASES))
-    p.add_argument("--ckpt_dir", default="", help="checkpoint of the restore phases (default: a temp dir)")
-    p.add_argument("--out", default="runs/bench_memory")
-    p.add_argument("--phase", default="", help=argparse.SUPPRESS)  # internal: run one phase
-    args = p.parse_args(argv)
-    if args.rows < 1 or args.devices < 1 or args.batch < 1 or args.steps < 1:
-        p.error("--rows, --devices, --batch and --steps must be >= 1")
+    """The command line (without the program name) as a namespace of flag values."""
+    fv = cli.parse("experiments.bench_memory", __doc__, define_flags, argv, config_flag=None)
+    args = types.SimpleNamespace(
+        **{name: fv[name].value for name in fv if name not in ("flagfile", "undefok")}
+    )
+    for name in ("rows", "devices", "batch", "steps"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"--{name}={getattr(args, name)}: must be >= 1")
     unknown = set(_phases(args)) - set(PHASES)
     if unknown:
-        p.error(f"unknown phases {sorted(unknown)}; choose from {PHASES}")
+        raise SystemExit(f"--phases: unknown phases {sorted(unknown)}; choose from {PHASES}")
     return args
 
 
@@ -248,11 +266,11 @@ def run_phase(args) -> dict:
 
 def _child(args, phase: str) -> dict:
     env = dict(os.environ)
-    flags = [f for f in env.get("XLA_FLAGS", "").split() if "host_platform_device_count" not in f]
-    env["XLA_FLAGS"] = " ".join([*flags, f"--xla_force_host_platform_device_count={args.devices}"])
-    cmd = [sys.executable, "-m", "experiments.bench_memory", "--phase", phase,
-           "--rows", str(args.rows), "--batch", str(args.batch), "--steps", str(args.steps),
-           "--features", args.features, "--hidden", str(args.hidden), "--ckpt_dir", args.ckpt_dir]  # fmt: skip
+    xla = [f for f in env.get("XLA_FLAGS", "").split() if "host_platform_device_count" not in f]
+    env["XLA_FLAGS"] = " ".join([*xla, f"--xla_force_host_platform_device_count={args.devices}"])
+    passed = {"phase": phase, **{k: getattr(args, k) for k in
+                                 ("rows", "batch", "steps", "features", "hidden", "ckpt_dir")}}  # fmt: skip
+    cmd = [sys.executable, "-m", "experiments.bench_memory", *(f"--{k}={v}" for k, v in passed.items())]
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # this checkout's
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=root)
     if proc.returncode:
@@ -262,7 +280,7 @@ def _child(args, phase: str) -> dict:
 
 LABELS = {
     "init_old": "init, old (eager + device_put + copy)",
-    "init_new": "init, new (one jit, out_shardings)",
+    "init_new": "init, new (jit with out_shardings)",
     "restore_old": "restore, old (eager init + StandardRestore(state))",
     "restore_new": "restore, new (StandardRestore(abstract_state))",
     "step": "train step (peak of the timed steps, state included)",

@@ -1,6 +1,6 @@
 """The command-line convention of the experiments/ programs: absl flags and ml_collections configs.
 
-``train``, ``compare`` and ``bench`` take absl flags
+``train``, ``compare``, ``bench`` and ``bench_memory`` take absl flags
 (``--name=value`` or ``--name value``, ``--flagfile``, ``--help``), and those
 that train a config take it as ``--config <file>`` with ``--config.<field>=<value>``
 overrides (``ml_collections.config_flags``), e.g.::
@@ -9,7 +9,7 @@ overrides (``ml_collections.config_flags``), e.g.::
   python -m experiments.compare --config experiments/configs/mnist1d.py --config.sam.rho=0.1
 
 ``train`` defines its flags on absl's global ``FLAGS`` and runs under
-``absl.app.run``. ``compare`` and ``bench`` define theirs on a fresh
+``absl.app.run``. The others define theirs on a fresh
 ``FlagValues`` per call (:func:`parse`), so their ``main(argv)`` can be
 called from Python (the tests, a notebook) any number of times, in the same
 process as ``train``, without one call's flags leaking into the next.

@@ -20,3 +20,20 @@ def test_bench_memory_new_init_holds_at_least_half_a_state_less_than_the_old(tmp
     with open(tmp_path / "bench_memory_65536.json") as f:
         assert json.load(f)["table"] == result["table"]
     assert (tmp_path / "bench_memory_65536.md").read_text().strip() == result["table"]
+
+
+def test_bench_memory_flags_follow_the_cli_convention(capsys):
+    import pytest
+
+    with pytest.raises(SystemExit) as e:
+        bench_memory.main(["--help"])
+    assert e.value.code == 0 and "--rows" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        bench_memory.main(["--rowz=3"])
+    assert e.value.code == 2 and "rowz" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="unknown phases"):
+        bench_memory.main(["--phases=init_new,warp"])
+    with pytest.raises(SystemExit, match="--rows=0: must be >= 1"):
+        bench_memory.main(["--rows=0"])
+    args = bench_memory.parse_args(["--rows", "100", "--phases=step"])
+    assert (args.rows, bench_memory._phases(args), args.devices) == (100, ["step"], 8)
