@@ -277,6 +277,11 @@ def _field(opt_state: Any, name: str) -> Any:
             "that tracks it (num_sam_steps: sam and every scheduled_sam preset; sam_due: "
             "scheduled_sam and its presets; sam_rate and the plan: vsam's schedule)."
         )
+    # Flax NNX's nnx.Optimizer.opt_state holds each leaf in a Variable: read its array
+    # (duck-typed, so that the core does not import flax).
+    get_value = getattr(value, "get_value", None)
+    if callable(get_value) and not isinstance(value, (jax.Array, np.ndarray)):
+        value = get_value()
     return value
 
 
@@ -314,7 +319,7 @@ def sam_due(opt_state: Any) -> jax.Array:
 
     Args:
       opt_state: an optimizer state containing a :func:`scheduled_sam` state
-        (any preset), nested anywhere.
+        (any preset), nested anywhere (a Flax ``nnx.Optimizer.opt_state`` too).
 
     Returns:
       The bool ``sam_due`` array.
@@ -335,7 +340,7 @@ def sam_rate(opt_state: Any) -> jax.Array:
     Args:
       opt_state: an optimizer state containing a
         :func:`sharpax.schedules.variance_adaptive` schedule state (e.g. of
-        :func:`sharpax.vsam`), nested anywhere.
+        :func:`sharpax.vsam`), nested anywhere (a Flax ``nnx.Optimizer.opt_state`` too).
 
     Returns:
       The float32 ``sam_rate`` array.
@@ -362,7 +367,7 @@ def upcoming_sam_steps(opt_state: Any) -> np.ndarray:
 
     Args:
       opt_state: an optimizer state containing a :func:`scheduled_sam` state
-        (any preset), nested anywhere.
+        (any preset), nested anywhere (a Flax ``nnx.Optimizer.opt_state`` too).
 
     Returns:
       A non-empty 1-D NumPy bool array; element ``i`` says whether step

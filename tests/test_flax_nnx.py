@@ -194,8 +194,13 @@ def test_vsam_with_host_dispatch_equals_the_functional_loop():
 
     sam_steps = 0
     for t in range(8):
-        due = bool(sharpax.sam_due(nnx.as_pure(optimizer.opt_state)))
+        # The readers take nnx.Optimizer's state as it is (Variables) or made pure.
+        due = bool(sharpax.sam_due(optimizer.opt_state))
+        assert due == bool(sharpax.sam_due(nnx.as_pure(optimizer.opt_state)))
         assert due == bool(sharpax.sam_due(opt_state))
+        np.testing.assert_array_equal(
+            sharpax.upcoming_sam_steps(optimizer.opt_state), sharpax.upcoming_sam_steps(opt_state)
+        )
         drawn = _run(step, model, optimizer, sam_rngs, t=t, sam_step=due)
         assert len(drawn) == (2 if due else 1)  # a reuse step never runs grad_fn
         p, opt_state = ref_step(p, opt_state, *_batch(t), drawn[0], drawn[-1], due)
@@ -203,7 +208,8 @@ def test_vsam_with_host_dispatch_equals_the_functional_loop():
         for k, v in _params_of(model).items():
             np.testing.assert_allclose(v, p[k], rtol=2e-5, atol=2e-6, err_msg=f"{k} at step {t}")
     assert 0 < sam_steps < 8
-    assert int(sharpax.num_sam_steps(nnx.as_pure(optimizer.opt_state))) == sam_steps
+    assert int(sharpax.num_sam_steps(optimizer.opt_state)) == sam_steps
+    assert float(sharpax.sam_rate(optimizer.opt_state)) == float(sharpax.sam_rate(opt_state))
 
 
 def test_has_aux_and_a_model_without_streams():
