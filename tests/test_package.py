@@ -63,6 +63,9 @@ def _check_contents(sdist: pathlib.Path, wheel: pathlib.Path) -> None:
     reqs = [Requirement(r) for r in meta.get_all("Requires-Dist")]
     core = {r.name for r in reqs if r.marker is None}
     assert core == CORE, core
+    # The license: the expression in the metadata and the Apache-2.0 text in the .dist-info.
+    assert meta["License-Expression"] == "Apache-2.0"
+    assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names), names
     extras = set(meta.get_all("Provides-Extra"))
     assert {"experiments", "test", "all"} <= extras
     assert any(r.name == "build" for r in reqs if r.marker and "test" in str(r.marker))
