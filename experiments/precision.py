@@ -33,6 +33,17 @@ a non-finite update then reaches the trainer's divergence check
 (``training._check_finite``), as does a non-finite loss at any scale (loss
 scaling cannot help a forward pass that overflows).
 
+A skipped step leaves every counter where it was, the learning-rate schedule's
+and the SAM schedule's too, so it is as if the step had not been taken (as with
+``optax.apply_if_finite``). LookSAM's and vSAM's host dispatch
+(``training.next_sam_step``) does not see the skip, which only the epoch's one
+device read reports: after a skip, the host serves the rest of its queued plan one
+step ahead of the device's schedule. Nothing is corrupted (a ``sam_step`` that
+differs from ``sam_due`` is honoured and the state records what was done), and the
+plan is read again from the device when the queue runs out (vSAM: at the end of
+the window; LookSAM: after ``k`` steps), from where host and device agree again.
+``--config.dispatch=cond`` decides on the device and follows the schedule exactly.
+
 Why hand-written (two small pieces): optax has ``apply_if_finite`` but no loss
 scale, and it tests only the incoming gradient and runs the inner update inside
 a ``lax.cond`` (an overflow of SAM's perturbed pass would pass unseen, and a
