@@ -33,9 +33,9 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import ml_collections
-from clu import metrics as clu_metrics
 import numpy as np
 import optax
+from clu import metrics as clu_metrics
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
