@@ -150,3 +150,42 @@ def test_precision_config_errors_name_the_field():
         training.setup(c, train_size=64)
     assert precision.uses_loss_scaling(precision_config("sgd", "float32", "float16"))
     assert not precision.uses_loss_scaling(precision_config("sgd", "bfloat16", "bfloat16"))
+
+
+def test_a_skipped_step_shifts_the_host_plan_only_until_it_is_read_again():
+    """LookSAM (k=3) under the loss scale, dispatched by training.next_sam_step: the first
+    (SAM) step overflows and is skipped, so the device's schedule stays at count 0 while the
+    host serves the rest of its queue [False, False]; when the queue runs out the host reads
+    the plan again and from then on serves exactly the device's sam_due."""
+    import types
+
+    import sharpax
+
+    k = 3
+    tx = precision.dynamic_loss_scale(
+        optax.chain(sharpax.looksam(0.05, k=k), optax.sgd(0.1)), init_scale=8.0, period=100
+    )
+    config = tiny_config("looksam")
+    config.looksam.k = k
+    s = types.SimpleNamespace(config=config, plan=[])
+    loss = lambda w, x: jnp.mean((x @ w - 1.0) ** 2)
+    params, opt_state = jnp.zeros(3), tx.init(jnp.zeros(3))
+    host, device, ran_sam = [], [], 0
+    for t in range(10):
+        due_on_device = bool(sharpax.sam_due(opt_state))
+        sam_step = training.next_sam_step(s, types.SimpleNamespace(opt_state=opt_state))
+        host.append(sam_step)
+        device.append(due_on_device)
+        x = jax.random.normal(jax.random.key(t), (8, 3))
+        grads = jax.grad(loss)(params, x)
+        if t == 0:
+            grads = jnp.full_like(grads, jnp.inf)  # the scaled backward pass overflowed
+        updates, opt_state = tx.update(
+            grads, opt_state, params, grad_fn=lambda p: jax.grad(loss)(p, x), sam_step=sam_step
+        )
+        params = optax.apply_updates(params, updates)
+        ran_sam += sam_step and t != 0
+    assert int(opt_state.skipped_steps) == 1 and np.all(np.isfinite(params))
+    assert host[:3] == [True, False, False] and device[:2] == [True, True]  # step 1: one ahead
+    assert host[3:] == device[3:]  # read again at step 3: in step from there on
+    assert int(sharpax.num_sam_steps(opt_state)) == ran_sam  # the state records what ran
