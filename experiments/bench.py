@@ -44,6 +44,7 @@ from ml_collections import config_flags
 import sharpax
 from experiments import cli, input_pipeline, training
 from experiments.configs import base
+from experiments.methods import make_optimizer
 
 METHODS = (
     "sgd", "sam", "asam", "gsam", "esam", "looksam", "vsam", "vsam_cond", "ae_sam", "ss_sam",
@@ -78,7 +79,7 @@ def build(method: str, args, train_size: int):
         # optax's SAM in opaque mode: the adversarial optimizer is normalized SGD
         # with step rho, so the perturbation is rho * g / ||g||; sync_period=2
         # means one adversarial step then one outer step per update call.
-        base_tx = training.make_optimizer(config, s.steps_per_epoch)
+        base_tx = make_optimizer(config, s.steps_per_epoch)
         tx = optax.contrib.sam(
             base_tx,
             optax.chain(optax.contrib.normalize(), optax.sgd(config.sam.rho)),

@@ -10,7 +10,7 @@ import numpy as np
 import optax
 import pytest
 
-from experiments import configs, input_pipeline, models, training
+from experiments import configs, input_pipeline, methods, models, training
 from experiments.configs import base
 
 CONFIG_FILES = sorted(
@@ -39,7 +39,7 @@ def test_every_config_builds_for_every_method(name):
         s = training.setup(c, train_size=info.num_train)
         assert s.steps_per_epoch == info.num_train // c.batch_size
         if method == "mesa":
-            assert 0.0 < training.mesa_decay(c, s.steps_per_epoch) < 1.0
+            assert 0.0 < methods.mesa_decay(c, s.steps_per_epoch) < 1.0
     smoke = _config(name, "sam,runlocal")
     assert smoke.num_epochs == 1 and smoke.max_steps_per_epoch == 2
 
@@ -57,17 +57,17 @@ def test_mesa_decay_is_derived_from_a_horizon_in_epochs():
     c = _config("cifar10_resnet18", "mesa")
     assert c.mesa.ema_horizon_epochs == 4.0
     # CIFAR-10, batch 128: 390 steps per epoch -> 1 - 1/1560.
-    assert training.mesa_decay(c, 390) == pytest.approx(1 - 1 / 1560, abs=1e-15)
+    assert methods.mesa_decay(c, 390) == pytest.approx(1 - 1 / 1560, abs=1e-15)
     # The authors' ImageNet run (batch 1024, 1251 steps per epoch) -> their 0.9998.
-    assert training.mesa_decay(c, 1251) == pytest.approx(0.9998, abs=1e-6)
+    assert methods.mesa_decay(c, 1251) == pytest.approx(0.9998, abs=1e-6)
     # Share of the random initial weights left in the teacher when the term starts
     # (0-based epoch 5): e^{-5/4} ≈ 0.29 whatever the steps per epoch; 0.9998 at
     # CIFAR's 390 steps would leave 68 %.
-    d = training.mesa_decay(c, 390)
+    d = methods.mesa_decay(c, 390)
     assert d ** (5 * 390) == pytest.approx(math.exp(-5 / 4), rel=1e-3)
     assert 0.9998 ** (5 * 390) == pytest.approx(0.677, abs=1e-3)
     with pytest.raises(ValueError, match="at least one step"):
-        training.ema_decay(0.001, 62, "mesa.ema_horizon_epochs")
+        methods.ema_decay(0.001, 62, "mesa.ema_horizon_epochs")
 
 
 def test_asam_has_its_own_radius_and_scales_weights_only():
@@ -123,7 +123,7 @@ def test_imagenet_recipe_values_and_weight_decay_mask():
     # No decay on 1-D tensors (biases, BatchNorm): timm's filter_bias_and_bn.
     c.learning_rate, c.momentum, c.weight_decay, c.warmup_epochs = 1.0, 0.0, 0.5, 0
     c.lr_schedule = "constant"
-    tx = training.make_optimizer(c, 10)
+    tx = methods.make_optimizer(c, 10)
     params = {"kernel": jnp.ones((2, 2)), "bias": jnp.ones(2)}
     zero = jax.tree.map(jnp.zeros_like, params)
     updates, _ = tx.update(zero, tx.init(params), params)
@@ -143,7 +143,7 @@ def test_scale_to_run_keeps_each_fraction_of_training():
     assert c.mesa.ema_horizon_epochs == pytest.approx(0.1 * 4.0)
     assert c.vsam.window == 4 * c.vsam.blocks == 20
     # MESA's decay for this run: 62 steps per epoch.
-    assert training.mesa_decay(c, 62) == pytest.approx(1 - 1 / (0.4 * 62))
+    assert methods.mesa_decay(c, 62) == pytest.approx(1 - 1 / (0.4 * 62))
 
 
 def _tiny(method, **overrides):

@@ -30,7 +30,7 @@ import math
 
 import ml_collections
 
-from experiments import training
+from experiments.methods import METHODS
 
 # The run the methods' time constants are given for: SAF/MESA/vSAM on CIFAR, 200 epochs.
 PAPER_EPOCHS = 200
@@ -200,8 +200,8 @@ def parse_arg(arg: str | None) -> tuple[str, bool]:
     runlocal = "runlocal" in parts
     methods = [p for p in parts if p != "runlocal"]
     method = methods[0] if methods else "sgd"
-    if method not in training.METHODS:
-        raise ValueError(f"unknown method {method!r}; choose from {tuple(training.METHODS)}")
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose from {tuple(METHODS)}")
     return method, runlocal
 
 
