@@ -57,7 +57,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 from tqdm.auto import tqdm
 
-from experiments import checkpointing, input_pipeline, metric_writers, training
+from experiments import checkpointing, input_pipeline, metric_writers, precision, training
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints and metrics go here.")
@@ -231,14 +231,17 @@ class _Epoch:
     timed_steps: int = 0
     first_step_s: float = 0.0  # the process's first step, compilation included
     num_sam_before: int = 0
+    skipped_before: int = 0  # float16 loss scaling: steps skipped before the epoch
 
     def position(self) -> dict:
         return {"next_epoch": self.epoch, **dataclasses.asdict(self)}
 
     @classmethod
-    def resume(cls, position: dict, num_sam_before: int) -> _Epoch:
+    def resume(cls, position: dict, num_sam_before: int, skipped_before: int) -> _Epoch:
         if not position["steps_done"]:
-            return cls(position["next_epoch"], num_sam_before=num_sam_before)
+            return cls(
+                position["next_epoch"], num_sam_before=num_sam_before, skipped_before=skipped_before
+            )
         fields = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in position.items() if k in fields})
 
@@ -313,11 +316,11 @@ def _train_loop(
     t_run = time.perf_counter()
     compiled = [False]
     for epoch in range(start_epoch, config.num_epochs):
-        num_sam = training.num_sam_steps(state, config.method)
+        before = training.num_sam_steps(state, config.method), _skipped_steps(state)
         ep = (
-            _Epoch.resume(position, num_sam)
+            _Epoch.resume(position, *before)
             if epoch == start_epoch
-            else _Epoch(epoch, num_sam_before=num_sam)
+            else _Epoch(epoch, num_sam_before=before[0], skipped_before=before[1])
         )
         batches = training.train_iter(
             config, train_source, epoch, s.steps_per_epoch, start_step=ep.steps_done
@@ -395,6 +398,11 @@ def _show(bar, config, t0, steps_per_epoch):
     return show
 
 
+def _skipped_steps(state) -> int:
+    """float16 loss scaling's skipped steps so far (0 without loss scaling)."""
+    return precision.skipped_steps(state.opt_state) or 0
+
+
 def _epoch_row(s, state, test_source, ep: _Epoch, t_run):
     config = s.config
     test_metrics = training.evaluate(s, state, training.eval_iter(config, test_source))
@@ -403,6 +411,9 @@ def _epoch_row(s, state, test_source, ep: _Epoch, t_run):
     test_metrics |= training.evaluate_ema(s, state, training.eval_iter(config, test_source))
     num_sam = training.num_sam_steps(state, config.method)
     train_metrics = training.epoch_metrics(ep.sums)
+    if precision.uses_loss_scaling(config):  # as training.run_train_epoch reports them
+        train_metrics["train_skipped_steps"] = _skipped_steps(state) - ep.skipped_before
+        train_metrics["loss_scale"] = float(jax.device_get(precision.loss_scale(state.opt_state)))
     steps = train_metrics["train_steps"]
     # Throughput without compilation: the process's first step is timed apart.
     timed = (ep.timed_steps, ep.train_time_s) if ep.timed_steps else (steps, ep.first_step_s)

@@ -91,11 +91,17 @@ def test_config_strings_and_bad_method():
         base.parse_arg("adam")
 
 
-@pytest.mark.parametrize("method", ["vsam", "saf", "mesa"])
+@pytest.mark.parametrize("method", ["vsam", "saf", "mesa", "vsam_fp16"])
 def test_resume_gives_identical_params_and_metrics(method, tmp_path):
-    config = tiny_config(method, num_epochs=2, max_steps_per_epoch=4)
+    config = tiny_config(method.removesuffix("_fp16"), num_epochs=2, max_steps_per_epoch=4)
     config.saf.lag = 1
+    if method.endswith("_fp16"):  # float16 with a loss scale that overflows, then regrows
+        config.precision.compute_dtype = "float16"
+        config.precision.loss_scale_init = 2.0**40
+        config.precision.loss_scale_period = 2
     straight = train.train_and_evaluate(config, str(tmp_path / "straight"), progress=False)
+    if method.endswith("_fp16"):  # the scale's state (skips, good-step count) crosses the resume
+        assert straight[0]["train_skipped_steps"] > 0 and "loss_scale" in straight[1]
     first = train.train_and_evaluate(
         config, str(tmp_path / "resumed"), progress=False, stop_after_epochs=1
     )
