@@ -29,6 +29,7 @@ updated BatchNorm statistics.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -36,7 +37,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 Dtype = Any
 Variables = Mapping[str, Any]
@@ -784,7 +784,10 @@ def count_params(tree: Any) -> int:
     """
     if isinstance(tree, Mapping) and "params" in tree:
         tree = tree["params"]
-    return int(optax.tree.size(tree))
+    # Not optax.tree.size: it calls jnp.size, which jax 0.10 deprecates for ShapeDtypeStruct
+    # leaves ("in a future JAX release this will be an error"), and abstract leaves are the
+    # point here.
+    return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(tree))
 
 
 def param_order(model: nn.Module, input_shape: Sequence[int]) -> list[tuple[str, ...]]:
