@@ -14,6 +14,7 @@ not executed here (``tests/test_notebook.py`` executes it).
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import sys
@@ -56,8 +57,10 @@ html_title = f"sharpax {release}"
 html_theme_options = {"show_toc_level": 2}
 
 # The notebook is copied into the source tree when the build starts (so that Sphinx finds it as a
-# document) and removed when it ends; experiments/quickstart.ipynb stays the only copy in git
-# (docs/.gitignore has the copy's path, should a build be killed before it ends).
+# document); experiments/quickstart.ipynb stays the only copy in git (docs/.gitignore has the
+# copy's path) and in the sdist (MANIFEST.in prunes docs/tutorials). The copy is written
+# atomically and left in place: two builds at once (the tests under pytest-xdist) would
+# otherwise remove it under each other's feet.
 NOTEBOOKS = {"experiments/quickstart.ipynb": "tutorials/quickstart.ipynb"}
 
 # Files outside docs/ that are pages of the site (they are included by a page under docs/).
@@ -138,22 +141,12 @@ def _copy_notebooks(app) -> None:
     for source, dest in NOTEBOOKS.items():
         dst = Path(app.srcdir) / dest
         dst.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(
-            ROOT / source, dst
-        )  # with its mtime: an incremental build rereads it if changed
-
-
-def _remove_notebook_copies(app, exception) -> None:
-    # Leave no generated file in the source tree (MANIFEST.in grafts docs/ into the sdist).
-    for dest in NOTEBOOKS.values():
-        dst = Path(app.srcdir) / dest
-        dst.unlink(missing_ok=True)
-        if not any(dst.parent.iterdir()):
-            dst.parent.rmdir()
+        tmp = dst.with_name(f".{dst.name}.{os.getpid()}")
+        shutil.copy2(ROOT / source, tmp)  # with its mtime: an incremental build rereads it if changed
+        os.replace(tmp, dst)  # atomic: a concurrent build reads the old or the new copy, whole
 
 
 def setup(app):
     app.connect("builder-inited", _copy_notebooks)
-    app.connect("build-finished", _remove_notebook_copies)
     app.connect("include-read", _on_include_read)
     return {"parallel_read_safe": True}
