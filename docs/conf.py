@@ -8,8 +8,8 @@ Build (from the repository root, with the `docs` extra installed: ``pip install 
 
 Single source of truth: the guide pages include sections of ``README.md`` and the benchmarks page
 includes ``BENCHMARKS.md`` (MyST ``{include}``); the tutorial is ``experiments/quickstart.ipynb``,
-copied to ``docs/tutorials/quickstart.ipynb`` for the duration of the build. The notebook is
-not executed here (``tests/test_notebook.py`` executes it).
+copied to ``docs/tutorials/quickstart.ipynb`` (gitignored) when the build starts. The notebook
+is not executed here (``tests/test_notebook.py`` executes it).
 """
 
 from __future__ import annotations

@@ -267,3 +267,12 @@ def skipped_steps(opt_state: Any) -> int | None:
     if not isinstance(opt_state, LossScaleState):
         return None
     return int(jax.device_get(opt_state.skipped_steps))
+
+
+def loss_scale_metrics(opt_state: Any, skipped_before: int) -> dict:
+    """``train_skipped_steps`` (since ``skipped_before``) and ``loss_scale``; {} without scaling."""
+    skipped = skipped_steps(opt_state)
+    if skipped is None:
+        return {}
+    scale = float(jax.device_get(loss_scale(opt_state)))
+    return {"train_skipped_steps": skipped - skipped_before, "loss_scale": scale}

@@ -316,11 +316,12 @@ def _train_loop(
     t_run = time.perf_counter()
     compiled = [False]
     for epoch in range(start_epoch, config.num_epochs):
-        before = training.num_sam_steps(state, config.method), _skipped_steps(state)
+        num_sam = training.num_sam_steps(state, config.method)
+        skipped = precision.skipped_steps(state.opt_state) or 0  # None without loss scaling
         ep = (
-            _Epoch.resume(position, *before)
+            _Epoch.resume(position, num_sam, skipped)
             if epoch == start_epoch
-            else _Epoch(epoch, num_sam_before=before[0], skipped_before=before[1])
+            else _Epoch(epoch, num_sam_before=num_sam, skipped_before=skipped)
         )
         batches = training.train_iter(
             config, train_source, epoch, s.steps_per_epoch, start_step=ep.steps_done
@@ -398,11 +399,6 @@ def _show(bar, config, t0, steps_per_epoch):
     return show
 
 
-def _skipped_steps(state) -> int:
-    """float16 loss scaling's skipped steps so far (0 without loss scaling)."""
-    return precision.skipped_steps(state.opt_state) or 0
-
-
 def _epoch_row(s, state, test_source, ep: _Epoch, t_run):
     config = s.config
     test_metrics = training.evaluate(s, state, training.eval_iter(config, test_source))
@@ -411,9 +407,7 @@ def _epoch_row(s, state, test_source, ep: _Epoch, t_run):
     test_metrics |= training.evaluate_ema(s, state, training.eval_iter(config, test_source))
     num_sam = training.num_sam_steps(state, config.method)
     train_metrics = training.epoch_metrics(ep.sums)
-    if precision.uses_loss_scaling(config):  # as training.run_train_epoch reports them
-        train_metrics["train_skipped_steps"] = _skipped_steps(state) - ep.skipped_before
-        train_metrics["loss_scale"] = float(jax.device_get(precision.loss_scale(state.opt_state)))
+    train_metrics |= precision.loss_scale_metrics(state.opt_state, ep.skipped_before)
     steps = train_metrics["train_steps"]
     # Throughput without compilation: the process's first step is timed apart.
     timed = (ep.timed_steps, ep.train_time_s) if ep.timed_steps else (steps, ep.first_step_s)

@@ -640,12 +640,10 @@ def run_train_epoch(
     ``train_skipped_steps``, beside the final ``loss_scale`` (see
     :mod:`experiments.precision`).
     """
-    skipped_before = precision.skipped_steps(state.opt_state)  # None without loss scaling
+    skipped_before = precision.skipped_steps(state.opt_state) or 0
     state, host = run_train_steps(s, state, batches, epoch, progress)
     out = epoch_metrics(add_metrics(None, host))
-    if skipped_before is not None:
-        out["train_skipped_steps"] = precision.skipped_steps(state.opt_state) - skipped_before
-        out["loss_scale"] = float(jax.device_get(precision.loss_scale(state.opt_state)))
+    out |= precision.loss_scale_metrics(state.opt_state, skipped_before)
     return state, out
 
 
